@@ -1,0 +1,5 @@
+"""`python -m ccr`: the command line."""
+
+from ccr.cli import main
+
+main()

@@ -1,0 +1,351 @@
+"""The `ccr` command line: parses arguments, calls the controller, prints results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+try:  # typer >= 0.2x vendors click; older ones depend on it
+    from typer import _click as click  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import click  # type: ignore[no-redef]
+
+from ccr.controller import checkpoint as ckpt
+from ccr.controller import jobs, restart as rst, run as runner
+from ccr.controller import supervisor as sup
+from ccr.controller.runtime import Runtime
+from ccr.errors import CcrError, UsageError, exit_code_for
+from ccr.ids import JobRef, parse_job_ref
+from ccr.slurm_time import parse_slurm_time
+
+app = typer.Typer(
+    add_completion=True,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Transparent checkpoint/restart of batch job steps with CRIU (scontrol checkpoint, back).",
+)
+checkpoint_app = typer.Typer(no_args_is_help=True, help="scontrol's `checkpoint` verbs.")
+
+JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _signal_number(text: str) -> int:
+    name = text.strip().upper()
+    if name.startswith("B:"):
+        name = name[2:]
+    name = name.split("@", 1)[0]
+    if name.isdigit():
+        num = int(name)
+    else:
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            num = int(signal.Signals[name])
+        except KeyError:
+            raise UsageError(f"unknown signal {text!r}") from None
+    if num in (signal.SIGKILL, signal.SIGSTOP) or not 0 < num < signal.NSIG:
+        raise UsageError(f"signal {text!r} cannot be caught")
+    return num
+
+
+def _interval(text: Optional[str]) -> int:
+    return 0 if text is None else parse_slurm_time(text)
+
+
+def _max_wait(value: Optional[float]) -> Optional[float]:
+    if value is not None and value <= 0:
+        raise UsageError("MaxWait must be a positive number of seconds")
+    return value
+
+
+def _ref(text: str) -> JobRef:
+    return parse_job_ref(text)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: list[str] = typer.Argument(..., help="The command to run, after `--`."),
+    job_id: Optional[int] = typer.Option(None, "--job-id", min=0, help="Job id (default: SLURM_JOB_ID, else a new one)."),
+    step_id: Optional[int] = typer.Option(None, "--step-id", min=0, help="Step id (default: SLURM_STEP_ID, else the next free one)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", envvar=["SLURM_CHECKPOINT_DIR", "SBATCH_CHECKPOINT_DIR"], help="Where checkpoints go (default: the current directory)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", envvar=["SLURM_CHECKPOINT", "SBATCH_CHECKPOINT"], help="Checkpoint interval in a Slurm time format (10, 0:30, 1:00:00, 2-3:04:05); 0: none."),
+    keep: int = typer.Option(2, "--keep", min=1, help="Complete checkpoint generations to keep per step."),
+    restart_dir: Optional[Path] = typer.Option(None, "--restart-dir", envvar="SLURM_RESTART_DIR", help="Resume from the checkpoint in this directory instead of starting fresh."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, appended to (default: ccr-<jobid>.<stepid>.out)."),
+    signal_name: str = typer.Option("TERM", "--signal", help="Signal that means 'checkpoint, then terminate' (e.g. USR1 for sbatch --signal=B:USR1@120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="MaxWait, in seconds, for the checkpoint taken on that signal."),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="MaxWait for interval checkpoints and resume, in seconds."),
+    detach: bool = typer.Option(False, "--detach", help="Return at once, printing <jobid>.<stepid>; a background supervisor stays."),
+) -> None:
+    """Launch a job step that ccr can checkpoint; supervise it until it exits.
+
+    Example: ccr run --job-id 42 --checkpoint 0:30 -- python train.py
+    """
+    preempt = {_signal_number(signal_name), signal.SIGTERM}
+    settings = sup.SupervisorSettings(
+        interval=_interval(checkpoint),
+        keep=keep,
+        preempt_signals=tuple(sorted(preempt)),
+        grace=_max_wait(grace),
+        max_wait=_max_wait(max_wait),
+    )
+    req = runner.RunRequest(
+        argv=command,
+        job_id=job_id,
+        step_id=step_id,
+        checkpoint_dir=checkpoint_dir,
+        output=output,
+        restart_dir=restart_dir,
+        detach=detach,
+        settings=settings,
+    )
+
+    def announce(message: dict[str, Any]) -> None:
+        if detach:
+            print(message["step"])
+        else:
+            where = f", output {message['output']}" if "output" in message else ""
+            print(f"ccr: step {message['step']} running (pid {message['pid']}{where})", file=sys.stderr)
+
+    code = runner.run(Runtime.from_env(), req, announce)
+    raise typer.Exit(code)
+
+
+def _create(ref_text: str, image_dir: Optional[Path], max_wait: Optional[float], stop: bool, as_json: bool) -> None:
+    ref = _ref(ref_text)
+    opts = ckpt.CheckpointOptions(image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop)
+    result = ckpt.create(Runtime.from_env(), ref, opts)
+    verb = "vacated" if stop else "checkpointed"
+    _emit(
+        result.to_dict(),
+        as_json,
+        f"{ref} {verb}: {result.link} -> {result.path.name} "
+        f"({result.stored_bytes / 2**20:.1f} MiB, frozen {result.frozen_time:.2f}s, "
+        f"total {result.total_time:.2f}s)",
+    )
+
+
+@app.command()
+def create(
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir (default: the job's checkpoint dir)."),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Abandon the checkpoint after this many seconds."),
+    leave_running: bool = typer.Option(True, "--leave-running/--stop", help="Keep the job running (default) or terminate it after the checkpoint."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Checkpoint every live step of a job, or one step (scontrol checkpoint create).
+
+    Example: ccr create 42.0 --image-dir /scratch/ckpt --max-wait 60
+    """
+    _create(ref, image_dir, max_wait, not leave_running, as_json)
+
+
+def _restart(ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Optional[float], as_json: bool) -> None:
+    ref = _ref(ref_text)
+    results = rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
+    lines = [
+        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)" for r in results
+    ]
+    _emit([r.to_dict() for r in results], as_json, "\n".join(lines))
+
+
+@app.command()
+def restart(
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir to restore from."),
+    stick_to_nodes: bool = typer.Option(False, "--stick-to-nodes", help="Refuse unless this is the node the checkpoint was taken on."),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Abandon the restore after this many seconds."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
+
+    Example: ccr restart 42 --image-dir /scratch/ckpt
+    """
+    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json)
+
+
+@app.command("list")
+def list_(as_json: bool = JSON_OPT) -> None:
+    """List jobs and their steps.
+
+    Example: ccr list --json
+    """
+    data = jobs.list_jobs(Runtime.from_env())
+    lines = [f"{'STEP':<12} {'STATE':<10} COMMAND"]
+    for job in data:
+        for step in job["steps"]:
+            lines.append(f"{step['step']:<12} {step['state']:<10} {' '.join(step['command'])}")
+    _emit(data, as_json, "\n".join(lines))
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., metavar="JOBID"), as_json: bool = JSON_OPT) -> None:
+    """Show a job: steps, states, PIDs, checkpoint dir, generations, last checkpoint.
+
+    Example: ccr status 42 --json
+    """
+    ref = _ref(job_id)
+    data = jobs.job_status(Runtime.from_env(), ref.job_id)
+    lines = [f"job {data['job_id']}  checkpoint dir {data['checkpoint_dir']}"]
+    for step in data["steps"]:
+        lines.append(
+            f"  {step['step']:<10} {step['state']:<10} pids {step['pids'] or '-'}"
+            + (f" exit {step['exit_code']}" if step["exit_code"] is not None else "")
+        )
+    last = data["last_checkpoint"]
+    lines.append(f"  last checkpoint: {last['path']} at {last['time']}" if last else "  no checkpoint yet")
+    _emit(data, as_json, "\n".join(lines))
+
+
+@app.command()
+def cancel(ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"), as_json: bool = JSON_OPT) -> None:
+    """Terminate a job's (or one step's) process tree: SIGTERM, then SIGKILL.
+
+    Example: ccr cancel 42.1
+    """
+    ended = jobs.cancel(Runtime.from_env(), _ref(ref))
+    _emit({"cancelled": ended}, as_json, "\n".join(f"{s} cancelled" for s in ended))
+
+
+@app.command()
+def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool = JSON_OPT) -> None:
+    """Check a checkpoint's manifest and every file without restoring it.
+
+    Example: ccr verify /scratch/ckpt/42.0.ckpt
+    """
+    rt = Runtime.from_env()
+    target = ckpt_dir.resolve()
+    dirs = [target] if (target / "manifest.json").exists() else sorted(
+        p for p in target.iterdir() if p.is_dir() and p.name.isdigit()
+    ) if target.is_dir() else []
+    if not dirs:
+        raise UsageError(f"{ckpt_dir} is not a ccr checkpoint")
+    for d in dirs:
+        rst.load_image(rt, d)
+    _emit({"checkpoint": str(target), "ok": True}, as_json, f"{ckpt_dir}: OK ({len(dirs)} step(s) verified)")
+
+
+def _keywords(args: list[str]) -> tuple[Optional[Path], Optional[float], bool]:
+    image_dir: Optional[Path] = None
+    max_wait: Optional[float] = None
+    stick = False
+    for arg in args:
+        key, _, value = arg.partition("=")
+        low = key.lower()
+        if low == "imagedir" and value:
+            image_dir = Path(value)
+        elif low == "maxwait" and value:
+            try:
+                max_wait = float(value)
+            except ValueError:
+                raise UsageError(f"MaxWait={value!r} is not a number of seconds") from None
+        elif low[:5] == "stick" and not value:
+            stick = True
+        else:
+            raise UsageError(f"unknown checkpoint option {arg!r} (ImageDir=, MaxWait=, StickToNodes)")
+    return image_dir, max_wait, stick
+
+
+@checkpoint_app.callback()
+def checkpoint_group() -> None:
+    """scontrol checkpoint OP JOBID[.STEPID] [ImageDir=DIR] [MaxWait=S] [StickToNodes]."""
+
+
+@checkpoint_app.command("create")
+def cp_create(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+    """Checkpoint and leave running.  Example: ccr checkpoint create 42 ImageDir=/ckpt MaxWait=30"""
+    image_dir, max_wait, _ = _keywords(options or [])
+    _create(ref, image_dir, max_wait, False, as_json)
+
+
+@checkpoint_app.command("vacate")
+def cp_vacate(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+    """Checkpoint, then terminate.  Example: ccr checkpoint vacate 42 MaxWait=60"""
+    image_dir, max_wait, _ = _keywords(options or [])
+    _create(ref, image_dir, max_wait, True, as_json)
+
+
+@checkpoint_app.command("requeue")
+def cp_requeue(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+    """Checkpoint, terminate, and leave the job for `ccr restart`.  Example: ccr checkpoint requeue 42"""
+    image_dir, max_wait, _ = _keywords(options or [])
+    _create(ref, image_dir, max_wait, True, as_json)
+
+
+@checkpoint_app.command("restart")
+def cp_restart(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+    """Restore from the newest checkpoint.  Example: ccr checkpoint restart 42 StickToNodes"""
+    image_dir, max_wait, stick = _keywords(options or [])
+    _restart(ref, image_dir, stick, max_wait, as_json)
+
+
+@checkpoint_app.command("able")
+def cp_able(ref: str, as_json: bool = JSON_OPT) -> None:
+    """Yes, No, or `Began at <time>`.  Example: ccr checkpoint able 42"""
+    answer = jobs.able(Runtime.from_env(), _ref(ref).job_id)
+    _emit({"able": answer}, as_json, answer)
+
+
+@checkpoint_app.command("error")
+def cp_error(ref: str, as_json: bool = JSON_OPT) -> None:
+    """The last checkpoint error, as `error(<code>): <msg>`.  Example: ccr checkpoint error 42"""
+    code, msg = jobs.last_error(Runtime.from_env(), _ref(ref).job_id)
+    _emit({"code": code, "message": msg}, as_json, f"error({code}): {msg}")
+
+
+@checkpoint_app.command("disable")
+def cp_disable(ref: str, as_json: bool = JSON_OPT) -> None:
+    """Block checkpoints (nests like a counter).  Example: ccr checkpoint disable 42"""
+    count = jobs.set_enabled(Runtime.from_env(), _ref(ref).job_id, enable=False)
+    _emit({"disabled": count}, as_json, f"disabled (count {count})")
+
+
+@checkpoint_app.command("enable")
+def cp_enable(ref: str, as_json: bool = JSON_OPT) -> None:
+    """Undo one disable.  Example: ccr checkpoint enable 42"""
+    count = jobs.set_enabled(Runtime.from_env(), _ref(ref).job_id, enable=True)
+    _emit({"disabled": count}, as_json, "enabled" if count == 0 else f"still disabled (count {count})")
+
+
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: every error becomes one line on stderr and a non-zero exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="ccr", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        print("ccr: aborted", file=sys.stderr)
+        code = 130
+    except click.ClickException as exc:
+        print(f"ccr: error: {exc.format_message()}", file=sys.stderr)
+        code = exc.exit_code
+    except CcrError as exc:
+        print(f"ccr: error: {exc}", file=sys.stderr)
+        code = exit_code_for(exc)
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

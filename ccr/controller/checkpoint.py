@@ -1,0 +1,294 @@
+"""Take checkpoints of live steps (`create`, `vacate`): dump, describe, sign, publish, prune."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ccr.controller.runtime import Runtime
+from ccr.engines import process
+from ccr.errors import CcrError, JobStateError, NotFoundError, StorageError
+from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.storage import registry as reg
+from ccr.storage.imageset import CheckpointSeries, discard, make_private_dir, storage_error
+from ccr.storage.manifest import (
+    JOB_MANIFEST,
+    MANIFEST,
+    JobManifest,
+    StepManifest,
+    describe_files,
+    write_signed,
+)
+
+
+@dataclass
+class CheckpointOptions:
+    """How to take one checkpoint."""
+
+    image_dir: Path | None = None
+    max_wait: float | None = None
+    stop: bool = False  # vacate: terminate the tree once the checkpoint is safe
+    keep: int | None = None  # generations to keep; None: the job's setting
+
+
+@dataclass
+class CheckpointResult:
+    """A published checkpoint and what it cost."""
+
+    ref: JobRef
+    path: Path
+    link: Path
+    steps: list[int]
+    frozen_time: float
+    total_time: float
+    image_bytes: int
+    stored_bytes: int
+    manifests: list[StepManifest] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "job": str(self.ref),
+            "path": str(self.path),
+            "link": str(self.link),
+            "steps": self.steps,
+            "frozen_time": round(self.frozen_time, 4),
+            "total_time": round(self.total_time, 4),
+            "image_bytes": self.image_bytes,
+            "stored_bytes": self.stored_bytes,
+        }
+
+
+def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResult:
+    """Checkpoint one step, or every live step of a job, and publish it atomically.
+
+    On any failure nothing is published, every earlier checkpoint stays, the tree keeps
+    running (also with stop=True: it is killed only after the publish), and the error is
+    recorded as the job's last checkpoint error.
+    """
+    started = time.monotonic()
+    deadline = None if opts.max_wait is None else started + opts.max_wait
+    with rt.registry() as db:
+        job = db.job(ref.job_id)
+        if job.disabled:
+            raise JobStateError(f"checkpoints of job {ref.job_id} are disabled")
+        steps = _live_steps(db, ref)
+    image_dir = opts.image_dir or Path(job.checkpoint_dir)
+    keep = opts.keep if opts.keep is not None else job.keep
+    try:
+        with rt.job_lock(ref.job_id, opts.max_wait):
+            with rt.registry() as db:
+                db.update_job(ref.job_id, ckpt_began=time.time())
+            try:
+                result = _create_locked(rt, ref, steps, image_dir, keep, opts, deadline, started)
+            finally:
+                with rt.registry() as db:
+                    db.update_job(ref.job_id, ckpt_began=None)
+    except CcrError as exc:
+        with rt.registry() as db:
+            db.update_job(ref.job_id, last_error=str(exc), last_error_code=exc.exit_code)
+        raise
+    with rt.registry() as db:
+        db.update_job(ref.job_id, last_error=None, last_error_code=0)
+    return result
+
+
+def _live_steps(db: reg.Registry, ref: JobRef) -> list[reg.StepRecord]:
+    if ref.step is not None:
+        step = db.step(ref.step)
+        if not _is_live(step):
+            raise JobStateError(f"step {ref} is not running (state: {step.state})")
+        return [step]
+    steps = [s for s in db.steps(ref.job_id) if _is_live(s)]
+    if not steps:
+        raise JobStateError(f"job {ref.job_id} has no running step to checkpoint")
+    return steps
+
+
+def _is_live(step: reg.StepRecord) -> bool:
+    if step.state != reg.RUNNING or step.init_pid is None or step.init_start is None:
+        return False
+    return process.ProcessIdentity(step.init_pid, step.init_start).alive()
+
+
+def _create_locked(
+    rt: Runtime,
+    ref: JobRef,
+    steps: list[reg.StepRecord],
+    image_dir: Path,
+    keep: int,
+    opts: CheckpointOptions,
+    deadline: float | None,
+    started: float,
+) -> CheckpointResult:
+    key = rt.manifest_key(create=True)
+    assert key is not None
+    criu = rt.criu()
+    criu_version = criu.version()
+    series = CheckpointSeries(image_dir, checkpoint_name(ref))
+    staging = series.begin()
+    whole_job = ref.step_id is None
+    stopped: list[reg.StepRecord] = []
+    manifests: list[StepManifest] = []
+    try:
+        for step in steps:
+            step_dir = staging / str(step.step_id) if whole_job else staging
+            if whole_job:
+                make_private_dir(step_dir)
+            if opts.stop:
+                with rt.registry() as db:
+                    if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
+                        raise JobStateError(f"step {step.id} stopped running")
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            manifest = _dump_step(
+                rt, criu, criu_version, step, step_dir, opts.stop, remaining, key
+            )
+            if opts.stop:
+                stopped.append(step)
+            manifests.append(manifest)
+        if whole_job:
+            job_manifest = JobManifest(
+                job_id=ref.job_id,
+                steps=[s.step_id for s in steps],
+                created=time.time(),
+                hostname=socket.gethostname(),
+                total_time=time.monotonic() - started,
+            )
+            write_signed(staging / JOB_MANIFEST, job_manifest.to_dict(), key)
+        generation = series.publish(staging)
+    except BaseException:
+        discard(staging)
+        _resume(rt, stopped)
+        raise
+    if opts.stop:
+        _kill_vacated(rt, stopped)
+    series.prune(keep)
+    total = time.monotonic() - started
+    result = CheckpointResult(
+        ref=ref,
+        path=generation.path,
+        link=series.link,
+        steps=[s.step_id for s in steps],
+        frozen_time=sum(m.frozen_time for m in manifests),
+        total_time=total,
+        image_bytes=sum(m.image_bytes for m in manifests),
+        stored_bytes=sum(m.stored_bytes for m in manifests),
+        manifests=manifests,
+    )
+    with rt.registry() as db:
+        db.add_checkpoint(
+            reg.CheckpointRecord(
+                job_id=ref.job_id,
+                step_id=ref.step_id,
+                path=str(generation.path),
+                created=time.time(),
+                stored_bytes=result.stored_bytes,
+                image_bytes=result.image_bytes,
+                frozen_time=result.frozen_time,
+                total_time=total,
+            )
+        )
+    return result
+
+
+def _dump_step(
+    rt: Runtime,
+    criu: object,
+    criu_version: str,
+    step: reg.StepRecord,
+    step_dir: Path,
+    stop: bool,
+    timeout: float | None,
+    key: bytes,
+) -> StepManifest:
+    from ccr.engines.criu import Criu
+
+    assert isinstance(criu, Criu) and step.init_pid is not None
+    began = time.monotonic()
+    pids = process.tree_pids(step.init_pid)
+    work = rt.work_dir(f"{step.id}-dump")
+    try:
+        stats = criu.dump(
+            step.init_pid,
+            step_dir,
+            work,
+            final_state="stopped" if stop else "running",
+            timeout=timeout,
+        )
+    except OSError as exc:
+        raise storage_error(step_dir, exc, "dumping into") from None
+    except CcrError as exc:
+        if "No space left" in str(exc) or "ENOSPC" in str(exc):
+            raise StorageError(
+                f"no space left in {step_dir.parent} while dumping step {step.id}"
+            ) from None
+        raise
+    try:
+        status = os.stat(f"/proc/{step.init_pid}")
+        uid, gid = status.st_uid, status.st_gid
+    except OSError:
+        uid, gid = os.getuid(), os.getgid()
+    with rt.registry() as db:
+        job = db.job(step.job_id)
+    manifest = StepManifest(
+        job_id=step.job_id,
+        step_id=step.step_id,
+        argv=step.argv,
+        cwd=step.cwd,
+        output=step.output,
+        hostname=socket.gethostname(),
+        uid=uid,
+        gid=gid,
+        root_pid=step.init_pid,
+        pids=pids,
+        criu_version=criu_version,
+        created=time.time(),
+        leave_running=not stop,
+        frozen_time=stats.frozen_time or stats.wall_time,
+        stats={
+            "freezing_time": stats.freezing_time,
+            "frozen_time": stats.frozen_time,
+            "memdump_time": stats.memdump_time,
+            "memwrite_time": stats.memwrite_time,
+            "pages_scanned": stats.pages_scanned,
+            "pages_written": stats.pages_written,
+            "dump_wall_time": stats.wall_time,
+            "criu_log": str(work / "dump.log"),
+        },
+        restart_count=job.restart_count,
+    )
+    try:
+        for path in step_dir.iterdir():
+            if path.is_file():
+                path.chmod(0o600)
+        manifest.files = describe_files(step_dir)
+        manifest.total_time = time.monotonic() - began
+        write_signed(step_dir / MANIFEST, manifest.to_dict(), key)
+    except OSError as exc:
+        raise storage_error(step_dir, exc, "writing the manifest in") from None
+    return manifest
+
+
+def _resume(rt: Runtime, stopped: list[reg.StepRecord]) -> None:
+    """Undo a failed vacate: wake every stopped tree and mark it running again."""
+    for step in stopped:
+        if step.init_pid is not None:
+            for pid in process.tree_pids(step.init_pid):
+                process.signal_process(pid, signal.SIGCONT)
+    with rt.registry() as db:
+        for step in stopped:
+            db.compare_and_set_state(step.id, (reg.VACATING,), reg.RUNNING)
+
+
+def _kill_vacated(rt: Runtime, stopped: list[reg.StepRecord]) -> None:
+    for step in stopped:
+        if step.init_pid is not None and step.init_start is not None:
+            ident = process.ProcessIdentity(step.init_pid, step.init_start)
+            process.signal_process(step.init_pid, signal.SIGKILL)
+            process.wait_gone(ident, 10.0)
+    with rt.registry() as db:
+        for step in stopped:
+            db.compare_and_set_state(step.id, (reg.VACATING,), reg.VACATED)

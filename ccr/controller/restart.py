@@ -1,0 +1,266 @@
+"""Restart steps from checkpoints: find the newest complete one, verify it, restore, supervise."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccr.controller import supervisor as sup
+from ccr.controller.runtime import Runtime
+from ccr.engines import process
+from ccr.errors import (
+    CcrError,
+    IntegrityError,
+    JobStateError,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageError,
+)
+from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.storage import registry as reg
+from ccr.storage.imageset import CheckpointSeries
+from ccr.storage.manifest import (
+    JOB_MANIFEST,
+    MANIFEST,
+    JobManifest,
+    StepManifest,
+    load_step_manifest,
+    read_verified,
+    verify_files,
+)
+
+
+@dataclass
+class StepImage:
+    """One step's verified checkpoint directory and its manifest."""
+
+    path: Path
+    manifest: StepManifest
+
+    @property
+    def step(self) -> StepId:
+        return StepId(self.manifest.job_id, self.manifest.step_id)
+
+
+@dataclass
+class RestartResult:
+    """A restored step, now running under a supervisor."""
+
+    step: StepId
+    pid: int
+    supervisor_pid: int
+    checkpoint: Path
+    restore_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": str(self.step),
+            "pid": self.pid,
+            "supervisor_pid": self.supervisor_pid,
+            "checkpoint": str(self.checkpoint),
+            "restore_time": round(self.restore_time, 4),
+        }
+
+
+def default_image_dir(rt: Runtime, job_id: int) -> Path:
+    """The job's checkpoint dir from the registry, else the current directory."""
+    with rt.registry() as db:
+        job = db.find_job(job_id)
+    return Path(job.checkpoint_dir) if job else Path.cwd()
+
+
+def find_images(rt: Runtime, ref: JobRef, image_dir: Path) -> list[Path]:
+    """The newest complete checkpoint directory of each step that ref names.
+
+    A whole-job checkpoint (`<jobid>.ckpt`) and per-step ones (`<jobid>.<stepid>.ckpt`)
+    compete: for each step the most recent one wins.
+    """
+    if not image_dir.exists():
+        raise StorageError(f"image directory {image_dir} does not exist")
+    if not image_dir.is_dir():
+        raise StorageError(f"image directory {image_dir} is not a directory")
+    if not os.access(image_dir, os.R_OK | os.X_OK):
+        raise StorageError(f"image directory {image_dir} is not readable")
+    candidates: dict[int, tuple[float, Path]] = {}
+
+    def offer(step_id: int, path: Path) -> None:
+        created = _created(path / MANIFEST)
+        if step_id not in candidates or created > candidates[step_id][0]:
+            candidates[step_id] = (created, path)
+
+    job_gen = CheckpointSeries(image_dir, checkpoint_name(JobRef(ref.job_id))).newest()
+    if job_gen is not None:
+        for sub in sorted(job_gen.path.iterdir()):
+            if sub.is_dir() and sub.name.isdigit() and (ref.step_id in (None, int(sub.name))):
+                offer(int(sub.name), sub)
+    if ref.step_id is not None:
+        step_ids = [ref.step_id]
+    else:
+        prefix = f"{ref.job_id}."
+        step_ids = sorted(
+            int(p.name[len(prefix) : -len(".ckpt")])
+            for p in image_dir.iterdir()
+            if p.name.startswith(prefix)
+            and p.name.endswith(".ckpt")
+            and p.name[len(prefix) : -len(".ckpt")].isdigit()
+        )
+    for step_id in step_ids:
+        gen = CheckpointSeries(image_dir, checkpoint_name(StepId(ref.job_id, step_id))).newest()
+        if gen is not None:
+            offer(step_id, gen.path)
+    if not candidates:
+        raise NotFoundError(f"no complete checkpoint of {ref} in {image_dir}")
+    return [candidates[s][1] for s in sorted(candidates)]
+
+
+def _created(manifest: Path) -> float:
+    import json
+
+    try:
+        return float(json.loads(manifest.read_text()).get("created", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def load_image(rt: Runtime, path: Path) -> StepImage:
+    """Authenticate the manifest and check every file; raise naming what is wrong."""
+    key = rt.manifest_key(create=False)
+    manifest = load_step_manifest(path, key)
+    verify_files(path, manifest)
+    parent = path.parent
+    if (parent / JOB_MANIFEST).exists():
+        JobManifest.from_dict(read_verified(parent / JOB_MANIFEST, key))
+    return StepImage(path, manifest)
+
+
+def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
+    """Refuse a restart that cannot or must not happen, before anything is started."""
+    m = image.manifest
+    uid = os.getuid()
+    if uid != 0 and uid != m.uid:
+        raise PermissionDeniedError(
+            f"checkpoint {image.path} belongs to uid {m.uid}; only that user or root may restart it"
+        )
+    owner = image.path.stat().st_uid
+    if owner not in (0, uid):
+        raise PermissionDeniedError(f"checkpoint {image.path} is owned by uid {owner}, not by you")
+    if stick_to_nodes and m.hostname != socket.gethostname():
+        raise JobStateError(
+            f"StickToNodes: checkpoint of {image.step} was taken on {m.hostname}, "
+            f"this node is {socket.gethostname()}"
+        )
+    with rt.registry() as db:
+        record = db.find_step(image.step)
+    if record is not None and record.state in (reg.RUNNING, reg.VACATING):
+        if record.init_pid and record.init_start:
+            if process.ProcessIdentity(record.init_pid, record.init_start).alive():
+                raise JobStateError(
+                    f"step {image.step} is still running (pid {record.init_pid}); "
+                    f"cancel it first (ccr cancel {image.step})"
+                )
+    if not Path(m.cwd).is_dir():
+        raise StorageError(f"working directory {m.cwd} of step {image.step} no longer exists")
+
+
+def prepare_files(image: StepImage) -> None:
+    """Recreate a deleted output file, so the restored tree can go on appending to it."""
+    out = Path(image.manifest.output)
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise StorageError(f"output directory {out.parent} of step {image.step} is gone")
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.close(fd)
+
+
+def restore_into(
+    rt: Runtime,
+    supervisor: sup.Supervisor,
+    image: StepImage,
+    max_wait: float | None,
+) -> RestartResult:
+    """Restore image as a child of this process and hand it to supervisor."""
+    prepare_files(image)
+    criu = rt.criu()
+    work = rt.work_dir(f"{image.step}-restore")
+    result = criu.restore(image.path, work, timeout=max_wait)
+    with rt.registry() as db:
+        image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
+        db.ensure_job(image.step.job_id, str(image_dir))
+        job = db.job(image.step.job_id)
+        db.update_job(image.step.job_id, restart_count=job.restart_count + 1)
+        existing = db.find_step(image.step)
+    m = image.manifest
+    record = existing or reg.StepRecord(
+        job_id=m.job_id,
+        step_id=m.step_id,
+        argv=m.argv,
+        cwd=m.cwd,
+        output=m.output,
+        state=reg.RUNNING,
+        init_pid=None,
+        init_start=None,
+        supervisor_pid=None,
+        started=time.time(),
+    )
+    supervisor.start_restored(result.pid, record)
+    return RestartResult(image.step, result.pid, os.getpid(), image.path, result.wall_time)
+
+
+def _in_job(image: StepImage) -> bool:
+    return (image.path.parent / JOB_MANIFEST).exists()
+
+
+def restart(
+    rt: Runtime,
+    ref: JobRef,
+    image_dir: Path | None = None,
+    stick_to_nodes: bool = False,
+    max_wait: float | None = None,
+) -> list[RestartResult]:
+    """Restore every step that ref names from its newest checkpoint, each under a supervisor."""
+    image_dir = image_dir or default_image_dir(rt, ref.job_id)
+    images = [load_image(rt, p) for p in find_images(rt, ref, image_dir)]
+    for image in images:
+        preflight(rt, image, stick_to_nodes)
+    settings = _job_settings(rt, ref.job_id, image_dir)
+    results = []
+    for image in images:
+        message = sup.spawn_background(
+            str(image.step), lambda report, image=image: _restore_and_supervise(rt, image, settings, max_wait, report)
+        )
+        results.append(
+            RestartResult(
+                image.step,
+                int(message["pid"]),
+                int(message["supervisor_pid"]),
+                image.path,
+                float(message["restore_time"]),
+            )
+        )
+    return results
+
+
+def _job_settings(rt: Runtime, job_id: int, image_dir: Path) -> sup.SupervisorSettings:
+    with rt.registry() as db:
+        job = db.find_job(job_id)
+        if job is None:
+            job = db.ensure_job(job_id, str(image_dir))
+    return sup.SupervisorSettings(interval=job.interval_s, keep=job.keep)
+
+
+def _restore_and_supervise(
+    rt: Runtime,
+    image: StepImage,
+    settings: sup.SupervisorSettings,
+    max_wait: float | None,
+    report: sup.Report,
+) -> int:
+    supervisor = sup.Supervisor(rt, image.step, settings)
+    result = restore_into(rt, supervisor, image, max_wait)
+    report({"ok": True, **result.to_dict()})
+    return supervisor.wait()
+

@@ -1,0 +1,138 @@
+"""`ccr run`: launch a step (or resume it from its checkpoint) and supervise it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ccr.controller import restart as rst
+from ccr.controller import supervisor as sup
+from ccr.controller.runtime import Runtime
+from ccr.engines import process
+from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
+from ccr.ids import JobRef, StepId, output_name
+from ccr.storage import registry as reg
+
+
+@dataclass
+class RunRequest:
+    """Everything `ccr run` was asked to do."""
+
+    argv: list[str]
+    job_id: int | None = None
+    step_id: int | None = None
+    checkpoint_dir: Path | None = None
+    output: Path | None = None
+    restart_dir: Path | None = None
+    detach: bool = False
+    settings: sup.SupervisorSettings = field(default_factory=sup.SupervisorSettings)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise UsageError(f"{name}={value!r} is not a non-negative integer")
+    return int(value)
+
+
+def _resolve_step(rt: Runtime, req: RunRequest) -> StepId:
+    job_id = req.job_id if req.job_id is not None else _env_int("SLURM_JOB_ID")
+    step_id = req.step_id if req.step_id is not None else _env_int("SLURM_STEP_ID")
+    with rt.registry() as db:
+        if job_id is None:
+            job_id = db.allocate_job_id()
+        if step_id is None:
+            step_id = db.next_step_id(job_id)
+    return StepId(job_id, step_id)
+
+
+def _check_dir(path: Path, what: str) -> Path:
+    path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{what} {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(f"{what} {path} is not writable")
+    return path
+
+
+def _command_exists(argv: list[str], env: dict[str, str], cwd: Path) -> None:
+    cmd = argv[0]
+    if "/" in cmd:
+        target = (cwd / cmd) if not os.path.isabs(cmd) else Path(cmd)
+        if not (target.is_file() and os.access(target, os.X_OK)):
+            raise UsageError(f"command not found or not executable: {cmd}")
+    elif shutil.which(cmd, path=env.get("PATH", os.defpath)) is None:
+        raise UsageError(f"command not found: {cmd}")
+
+
+def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
+    """Launch (or resume) a step; return the exit code ccr should exit with.
+
+    announce receives {"step": "<jobid>.<stepid>", ...} once the step is running.
+    """
+    if not req.argv:
+        raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
+    cwd = Path.cwd()
+    env = dict(os.environ)
+    step = _resolve_step(rt, req)
+    ckpt_dir = _check_dir(req.checkpoint_dir or cwd, "checkpoint directory")
+    output = (req.output or cwd / output_name(step)).resolve()
+    resume = _resume_image(rt, step, req.restart_dir or ckpt_dir, explicit=req.restart_dir is not None)
+    if resume is None:
+        _command_exists(req.argv, env, cwd)
+    with rt.registry() as db:
+        existing = db.find_step(step)
+        if existing is not None and _alive(existing):
+            raise JobStateError(f"step {step} is already running (pid {existing.init_pid})")
+        db.ensure_job(
+            step.job_id,
+            str(ckpt_dir),
+            checkpoint_dir=str(ckpt_dir),
+            interval_s=req.settings.interval,
+            keep=req.settings.keep,
+        )
+
+    def start(report: sup.Report) -> int:
+        supervisor = sup.Supervisor(rt, step, req.settings)
+        if resume is not None:
+            result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
+            report({"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)})
+        else:
+            pid = supervisor.start_fresh(req.argv, cwd, env, output)
+            report({"ok": True, "step": str(step), "pid": pid, "output": str(output)})
+        return supervisor.wait()
+
+    if req.detach:
+        message = sup.spawn_background(str(step), start)
+        announce(message)
+        return 0
+    return start(announce)
+
+
+def _alive(step: reg.StepRecord) -> bool:
+    if step.state not in (reg.RUNNING, reg.VACATING) or not step.init_pid or not step.init_start:
+        return False
+    return process.ProcessIdentity(step.init_pid, step.init_start).alive()
+
+
+def _resume_image(rt: Runtime, step: StepId, image_dir: Path, explicit: bool) -> rst.StepImage | None:
+    """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
+    try:
+        paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)
+    except (NotFoundError, StorageError):
+        if explicit:
+            raise
+        return None
+    image = rst.load_image(rt, paths[0])
+    rst.preflight(rt, image, stick_to_nodes=False)
+    print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
+    return image

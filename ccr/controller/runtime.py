@@ -1,0 +1,73 @@
+"""The things every controller operation needs: state dir, registry, CRIU, manifest key."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccr import config
+from ccr.engines.criu import Criu
+from ccr.errors import MaxWaitExceeded
+from ccr.storage.manifest import ManifestKey
+from ccr.storage.registry import Registry
+
+
+@dataclass
+class Runtime:
+    """Where state lives and which CRIU to use, resolved once per command."""
+
+    state_dir: Path
+
+    @classmethod
+    def from_env(cls) -> Runtime:
+        return cls(config.state_dir())
+
+    def registry(self) -> Registry:
+        return Registry.open(self.state_dir)
+
+    def criu(self) -> Criu:
+        return Criu(config.criu_binary())
+
+    def manifest_key(self, create: bool) -> bytes | None:
+        return ManifestKey(self.state_dir / "manifest.key").load(create)
+
+    def work_dir(self, what: str) -> Path:
+        """A fresh directory under logs/ for one CRIU action's log and statistics."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        base = config.logs_dir()
+        for n in range(1000):
+            path = base / f"{what}-{stamp}-{os.getpid()}-{n}"
+            try:
+                path.mkdir(mode=0o700)
+                return path
+            except FileExistsError:
+                continue
+        raise RuntimeError("cannot create a log directory")  # pragma: no cover
+
+    @contextmanager
+    def job_lock(self, job_id: int, max_wait: float | None) -> Iterator[None]:
+        """Serialize checkpoints of one job; wait at most max_wait seconds for the lock."""
+        locks = self.state_dir / "locks"
+        locks.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(locks / f"job-{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = None if max_wait is None else time.monotonic() + max_wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise MaxWaitExceeded(
+                            f"another checkpoint of job {job_id} is still running "
+                            f"after MaxWait={max_wait:g}s"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)

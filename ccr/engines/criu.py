@@ -1,0 +1,290 @@
+"""CRIU through its RPC protocol (pycriu's protobufs over `criu swrk`): dump, restore, check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ccr.errors import CcrError, CriuError, MaxWaitExceeded
+
+try:
+    from pycriu import rpc_pb2 as rpc
+except ImportError:  # pragma: no cover - depends on the installation
+    rpc = None
+
+# Called on each CRIU notification (e.g. "pre-dump", "post-dump", "post-restore") with the
+# notification name and the PID CRIU reports; raising aborts the CRIU action.
+NotifyHook = Callable[[str, int], None]
+
+
+@dataclass
+class DumpStats:
+    """What a dump cost: wall time and CRIU's own counters (podman's field names)."""
+
+    wall_time: float = 0.0
+    freezing_time: float = 0.0
+    frozen_time: float = 0.0
+    memdump_time: float = 0.0
+    memwrite_time: float = 0.0
+    pages_scanned: int = 0
+    pages_written: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RestoreResult:
+    """A finished restore: the root's host PID and how long it took."""
+
+    pid: int
+    wall_time: float
+
+
+def _require_rpc() -> None:
+    if rpc is None:
+        raise CcrError("pycriu is not installed: run scripts/install-criu.sh")
+
+
+class Criu:
+    """One CRIU binary, driven over RPC; every call runs a fresh `criu swrk`."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+
+    def version(self) -> str:
+        """CRIU's version string, e.g. '4.2.1'."""
+        try:
+            out = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CcrError(f"cannot run CRIU at {self.binary}: {exc}") from None
+        for line in out.splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+        raise CcrError(f"cannot read CRIU's version from {self.binary} --version")
+
+    def check(self, feature: str | None = None) -> tuple[bool, str]:
+        """`criu check [--feature F]`: (works, what it said)."""
+        cmd = [self.binary, "check"] + (["--feature", feature] if feature else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return False, str(exc)
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "RLIMIT_NOFILE" not in ln]
+        return proc.returncode == 0, (lines[-1] if lines else "")
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        work_dir: Path,
+        *,
+        final_state: str = "running",
+        timeout: float | None = None,
+        hook: NotifyHook | None = None,
+        tcp_established: bool = False,
+    ) -> DumpStats:
+        """Dump the tree rooted at pid into images_dir (which must exist).
+
+        final_state is what the tree does after a successful dump: "running" (go on),
+        "stopped" (SIGSTOP'd, for a caller that kills it only once the image is safe) or
+        "killed".  A failed dump always leaves the tree running.  CRIU's log (dump.log) and
+        statistics (stats-dump) go to work_dir.
+        """
+        if final_state not in ("running", "stopped", "killed"):
+            raise ValueError(final_state)
+        _require_rpc()
+        req = rpc.criu_req()
+        req.type = rpc.DUMP
+        req.opts.pid = pid
+        req.opts.leave_running = final_state == "running"
+        req.opts.leave_stopped = final_state == "stopped"
+        req.opts.tcp_established = tcp_established
+        req.opts.file_locks = True
+        started = time.monotonic()
+        self._call(req, images_dir, work_dir, timeout, hook, "dump")
+        stats = read_dump_stats(work_dir / "stats-dump")
+        stats.wall_time = time.monotonic() - started
+        return stats
+
+    def restore(
+        self,
+        images_dir: Path,
+        work_dir: Path,
+        *,
+        timeout: float | None = None,
+        hook: NotifyHook | None = None,
+        tcp_established: bool = False,
+    ) -> RestoreResult:
+        """Restore the tree in images_dir as a child of the calling process; return its root.
+
+        CRIU's log (restore.log) goes to work_dir.
+        """
+        _require_rpc()
+        req = rpc.criu_req()
+        req.type = rpc.RESTORE
+        # The root becomes our child (criu's sibling), so we can wait for its exit status.
+        req.opts.rst_sibling = True
+        req.opts.tcp_established = tcp_established
+        req.opts.file_locks = True
+        started = time.monotonic()
+        resp = self._call(req, images_dir, work_dir, timeout, hook, "restore")
+        return RestoreResult(pid=resp.restore.pid, wall_time=time.monotonic() - started)
+
+    def _call(
+        self,
+        req: object,
+        images_dir: Path,
+        work_dir: Path,
+        timeout: float | None,
+        hook: NotifyHook | None,
+        what: str,
+    ) -> object:
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_file = work_dir / f"{what}.log"
+        try:
+            images_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise CcrError(f"cannot open image directory {images_dir}: {exc.strerror}") from None
+        work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
+        opts = req.opts  # type: ignore[attr-defined]
+        opts.images_dir_fd = images_fd
+        opts.work_dir_fd = work_fd
+        opts.log_file = log_file.name
+        opts.log_level = 4
+        opts.notify_scripts = hook is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            proc = subprocess.Popen(
+                [self.binary, "swrk", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(), images_fd, work_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # Signal masks are inherited: make sure criu starts with none blocked.
+                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []),
+            )
+        except OSError as exc:
+            ours.close()
+            os.close(images_fd)
+            os.close(work_fd)
+            raise CcrError(f"cannot run CRIU at {self.binary}: {exc.strerror}") from None
+        finally:
+            theirs.close()
+        # CRIU opens images_dir_fd and work_dir_fd through /proc/<our pid>/fd: keep them open.
+        try:
+            ours.send(req.SerializeToString())  # type: ignore[attr-defined]
+            while True:
+                resp = self._receive(ours, deadline, proc, what, log_file, timeout)
+                if resp.type == rpc.NOTIFY:
+                    ok = True
+                    try:
+                        if hook is not None:
+                            hook(resp.notify.script, resp.notify.pid)
+                    except Exception:
+                        ok = False
+                        raise
+                    finally:
+                        ack = rpc.criu_req()
+                        ack.type = rpc.NOTIFY
+                        ack.notify_success = ok
+                        try:
+                            ours.send(ack.SerializeToString())
+                        except OSError:
+                            pass
+                    continue
+                break
+        except BaseException:
+            _kill(proc)
+            raise
+        finally:
+            ours.close()
+            os.close(images_fd)
+            os.close(work_fd)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+        if not resp.success:
+            detail = resp.cr_errmsg or (os.strerror(resp.cr_errno) if resp.cr_errno else "")
+            reason = _log_reason(log_file) or detail or "unknown error"
+            raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
+        return resp
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        deadline: float | None,
+        proc: subprocess.Popen[bytes],
+        what: str,
+        log_file: Path,
+        timeout: float | None,
+    ) -> object:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MaxWaitExceeded(f"CRIU {what} did not finish within MaxWait={timeout:g}s")
+            sock.settimeout(remaining)
+        try:
+            buf = sock.recv(1 << 20)
+        except TimeoutError:
+            raise MaxWaitExceeded(
+                f"CRIU {what} did not finish within MaxWait={timeout:g}s"
+            ) from None
+        if not buf:
+            proc.wait()
+            reason = _log_reason(log_file) or f"criu exited with status {proc.returncode}"
+            raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
+        resp = rpc.criu_resp()
+        resp.ParseFromString(buf)
+        return resp
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a wedged criu in D state
+        pass
+
+
+def _log_reason(log_file: Path) -> str:
+    """The last real error line of a CRIU log (CRIU always logs a harmless RLIMIT one)."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
+    if not errors:
+        return ""
+    last = errors[-1]
+    return last.split("): ", 1)[-1].strip() if "): " in last else last.strip()
+
+
+def read_dump_stats(path: Path) -> DumpStats:
+    """Decode CRIU's stats-dump image (times in CRIU's microseconds, returned in seconds)."""
+    stats = DumpStats()
+    if not path.exists():
+        return stats
+    try:
+        from pycriu import images
+
+        with path.open("rb") as fh:
+            entry = images.load(fh)["entries"][0]["dump"]
+    except Exception:  # noqa: BLE001 - stats are informative; a decoding problem is not fatal
+        return stats
+    stats.freezing_time = int(entry.get("freezing_time", 0)) / 1e6
+    stats.frozen_time = int(entry.get("frozen_time", 0)) / 1e6
+    stats.memdump_time = int(entry.get("memdump_time", 0)) / 1e6
+    stats.memwrite_time = int(entry.get("memwrite_time", 0)) / 1e6
+    stats.pages_scanned = int(entry.get("pages_scanned", 0))
+    stats.pages_written = int(entry.get("pages_written", 0))
+    return stats

@@ -1,0 +1,1 @@
+"""Storage: checkpoint image layout and manifests, and the job registry."""

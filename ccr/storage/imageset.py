@@ -1,0 +1,163 @@
+"""Checkpoint image directories: numbered generations, atomic publish, retention, lookup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccr.errors import StorageError
+from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def make_private_dir(path: Path) -> None:
+    """mkdir -p with 0700 on the directory we create, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def storage_error(path: Path, exc: OSError, doing: str) -> StorageError:
+    """A one-line error for a failed file operation, saying 'no space' plainly."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"no space left on the file system of {path} while {doing}")
+    if exc.errno == errno.EROFS:
+        return StorageError(f"{path} is on a read-only file system")
+    return StorageError(f"{doing} {path}: {exc.strerror or exc}")
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory below path, then path itself."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            fsync_dir(Path(root) / name)
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One complete checkpoint: `<name>.<number>` in the image directory."""
+
+    number: int
+    path: Path
+
+    @property
+    def is_job(self) -> bool:
+        return (self.path / JOB_MANIFEST).exists()
+
+
+class CheckpointSeries:
+    """All generations of one checkpoint name (`1234.0.ckpt`) in one image directory.
+
+    `<name>` is a symlink to the newest complete generation `<name>.<N>`; a generation is
+    written as a hidden staging directory and renamed into place only once it is complete,
+    so a crash or failure never leaves a partial checkpoint under a visible name.
+    """
+
+    def __init__(self, image_dir: Path, name: str) -> None:
+        self.image_dir = image_dir
+        self.name = name
+
+    @property
+    def link(self) -> Path:
+        return self.image_dir / self.name
+
+    def generations(self) -> list[Generation]:
+        """Complete generations, oldest first."""
+        found = []
+        prefix = self.name + "."
+        try:
+            entries = list(self.image_dir.iterdir())
+        except OSError:
+            return []
+        for entry in entries:
+            suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+            if suffix.isdigit() and entry.is_dir() and not entry.is_symlink():
+                if (entry / MANIFEST).exists() or (entry / JOB_MANIFEST).exists():
+                    found.append(Generation(int(suffix), entry))
+        return sorted(found, key=lambda g: g.number)
+
+    def newest(self) -> Generation | None:
+        gens = self.generations()
+        return gens[-1] if gens else None
+
+    def begin(self) -> Path:
+        """Create a private staging directory for the next generation."""
+        self.clean_stale_staging()
+        try:
+            make_private_dir(self.image_dir)
+            staging = self.image_dir / f".{self.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            staging.mkdir(mode=0o700)
+            staging.chmod(0o700)
+        except OSError as exc:
+            raise storage_error(self.image_dir, exc, "creating a checkpoint in") from None
+        if self.link.exists() and not self.link.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"{self.link} exists and is not a ccr checkpoint link")
+        return staging
+
+    def publish(self, staging: Path) -> Generation:
+        """Make a complete staging directory the newest generation, atomically."""
+        newest = self.newest()
+        number = (newest.number if newest else 0) + 1
+        final = self.image_dir / f"{self.name}.{number}"
+        tmp_link = self.image_dir / f".{self.name}.link-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fsync_tree(staging)
+            os.rename(staging, final)
+            os.symlink(final.name, tmp_link)
+            os.replace(tmp_link, self.link)
+            fsync_dir(self.image_dir)
+        except OSError as exc:
+            tmp_link.unlink(missing_ok=True)
+            raise storage_error(self.image_dir, exc, "publishing a checkpoint in") from None
+        return Generation(number, final)
+
+    def prune(self, keep: int) -> list[Path]:
+        """Delete all but the newest `keep` complete generations (never the newest)."""
+        keep = max(1, keep)
+        removed = []
+        for gen in self.generations()[:-keep]:
+            shutil.rmtree(gen.path, ignore_errors=True)
+            removed.append(gen.path)
+        return removed
+
+    def clean_stale_staging(self) -> None:
+        """Remove staging directories left by ccr processes that died mid-checkpoint."""
+        try:
+            entries = list(self.image_dir.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            match = _STAGING.match(entry.name)
+            if match and match.group("name") == self.name:
+                pid = int(match.group("pid"))
+                if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,222 @@
+"""The manifest inside every checkpoint: what restart needs, each file's checksum, an HMAC."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ccr.errors import IntegrityError, StorageError
+
+MANIFEST = "manifest.json"
+JOB_MANIFEST = "job.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+@dataclass
+class FileEntry:
+    """One file of a checkpoint, as stored (compressed or not)."""
+
+    name: str
+    size: int
+    sha256: str
+    raw_size: int = 0
+    codec: str = "none"
+
+
+@dataclass
+class StepManifest:
+    """Everything a restart of one step needs, so an image directory stands on its own."""
+
+    job_id: int
+    step_id: int
+    argv: list[str]
+    cwd: str
+    output: str
+    hostname: str
+    uid: int
+    gid: int
+    root_pid: int
+    pids: list[int]
+    criu_version: str
+    created: float
+    leave_running: bool
+    frozen_time: float = 0.0
+    total_time: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    files: list[FileEntry] = field(default_factory=list)
+    generation: int = 0
+    parent: str | None = None
+    restart_count: int = 0
+    compression: str = "none"
+    gpu: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(f.raw_size or f.size for f in self.files)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["image_bytes"] = self.image_bytes
+        data["stored_bytes"] = self.stored_bytes
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepManifest:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["files"] = [FileEntry(**f) for f in data.get("files", [])]
+        return cls(**kwargs)
+
+
+@dataclass
+class JobManifest:
+    """A whole-job checkpoint: which steps it holds (one sub-directory each)."""
+
+    job_id: int
+    steps: list[int]
+    created: float
+    hostname: str
+    generation: int = 0
+    total_time: float = 0.0
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobManifest:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list[FileEntry]:
+    """A FileEntry for every regular file directly in directory (sorted by name)."""
+    entries = []
+    for path in sorted(directory.iterdir()):
+        if path.name in skip or not path.is_file():
+            continue
+        size = path.stat().st_size
+        entries.append(FileEntry(path.name, size, file_sha256(path), raw_size=size))
+    return entries
+
+
+class ManifestKey:
+    """The HMAC key that authenticates manifests (state dir, 0600, created on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, create: bool) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            if not create:
+                return None
+        key = secrets.token_bytes(32)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        try:
+            os.link(tmp, self.path)  # first writer wins; everybody then reads the same key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return self.path.read_bytes()
+
+
+def _mac(key: bytes, data: dict[str, Any]) -> str:
+    body = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def write_signed(path: Path, data: dict[str, Any], key: bytes) -> None:
+    """Write data plus its HMAC as JSON, 0600, fsync'd."""
+    signed = dict(data)
+    signed["hmac"] = _mac(key, data)
+    text = json.dumps(signed, indent=2, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A manifest's JSON, unverified (for display)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"missing manifest {path}") from None
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"unreadable manifest {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"malformed manifest {path}")
+    return data
+
+
+def read_verified(path: Path, key: bytes | None) -> dict[str, Any]:
+    """A manifest's JSON after checking its HMAC; a tampered or unsigned one is refused."""
+    data = read_json(path)
+    mac = data.pop("hmac", None)
+    if key is None:
+        raise IntegrityError(
+            f"cannot authenticate {path}: no manifest key in this state directory "
+            "(restore only images made with this CCR_STATE_DIR's key)"
+        )
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, data)):
+        raise IntegrityError(f"manifest {path} failed authentication (tampered or foreign key)")
+    return data
+
+
+def load_step_manifest(directory: Path, key: bytes | None) -> StepManifest:
+    data = read_verified(directory / MANIFEST, key)
+    try:
+        return StepManifest.from_dict(data)
+    except TypeError as exc:
+        raise IntegrityError(f"malformed manifest {directory / MANIFEST}: {exc}") from None
+
+
+def verify_files(directory: Path, manifest: StepManifest) -> None:
+    """Check every file the manifest lists (size, then SHA-256); raise naming the first bad one."""
+    listed = {f.name for f in manifest.files}
+    for entry in manifest.files:
+        path = directory / entry.name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"checkpoint file missing: {path}") from None
+        if size != entry.size:
+            raise IntegrityError(
+                f"checkpoint file {path} is {size} bytes, manifest says {entry.size} (truncated?)"
+            )
+        if file_sha256(path) != entry.sha256:
+            raise IntegrityError(f"checkpoint file {path} is corrupted (checksum mismatch)")
+    extra = [p.name for p in directory.iterdir() if p.is_file() and p.name not in listed]
+    extra = [n for n in extra if n != MANIFEST]
+    if extra:
+        raise IntegrityError(f"unexpected file in checkpoint {directory}: {sorted(extra)[0]}")

@@ -1,0 +1,280 @@
+"""The job registry: jobs, steps and checkpoints in SQLite under the state directory."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccr.errors import NotFoundError, StorageError
+from ccr.ids import StepId
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    checkpoint_dir TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    ckpt_began REAL,
+    last_error TEXT,
+    last_error_code INTEGER NOT NULL DEFAULT 0,
+    interval_s INTEGER NOT NULL DEFAULT 0,
+    keep INTEGER NOT NULL DEFAULT 2,
+    restart_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS steps (
+    job_id INTEGER NOT NULL,
+    step_id INTEGER NOT NULL,
+    argv TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    output TEXT NOT NULL,
+    state TEXT NOT NULL,
+    init_pid INTEGER,
+    init_start INTEGER,
+    supervisor_pid INTEGER,
+    started REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    next_checkpoint REAL,
+    PRIMARY KEY (job_id, step_id)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    step_id INTEGER,
+    path TEXT NOT NULL,
+    created REAL NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    image_bytes INTEGER NOT NULL,
+    frozen_time REAL NOT NULL,
+    total_time REAL NOT NULL
+);
+"""
+
+# Step states.  `vacating` marks a step whose tree is about to be killed by a checkpoint,
+# so its supervisor records the exit as a vacate, not a failure.
+RUNNING, COMPLETED, FAILED, CANCELLED, VACATING, VACATED, LOST = (
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+    "vacating",
+    "vacated",
+    "lost",
+)
+
+
+@dataclass
+class StepRecord:
+    """One step as the registry knows it."""
+
+    job_id: int
+    step_id: int
+    argv: list[str]
+    cwd: str
+    output: str
+    state: str
+    init_pid: int | None
+    init_start: int | None
+    supervisor_pid: int | None
+    started: float
+    ended: float | None = None
+    exit_code: int | None = None
+    next_checkpoint: float | None = None
+
+    @property
+    def id(self) -> StepId:
+        return StepId(self.job_id, self.step_id)
+
+
+@dataclass
+class CheckpointRecord:
+    """One published checkpoint (a generation directory)."""
+
+    job_id: int
+    step_id: int | None
+    path: str
+    created: float
+    stored_bytes: int
+    image_bytes: int
+    frozen_time: float
+    total_time: float
+
+
+@dataclass
+class JobRecord:
+    """One job and its checkpoint settings."""
+
+    job_id: int
+    created: float
+    checkpoint_dir: str
+    disabled: int = 0
+    ckpt_began: float | None = None
+    last_error: str | None = None
+    last_error_code: int = 0
+    interval_s: int = 0
+    keep: int = 2
+    restart_count: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+class Registry:
+    """A connection to the registry database; use as a context manager per operation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            path.chmod(0o600)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open job registry {path}: {exc}") from None
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Registry:
+        return cls(state_dir / "registry.db")
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # jobs -----------------------------------------------------------------------------
+    def allocate_job_id(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(job_id), 0) + 1 FROM jobs").fetchone()
+        return int(row[0])
+
+    def ensure_job(self, job_id: int, default_dir: str, **settings: Any) -> JobRecord:
+        """Create the job if it is new (with default_dir), then apply settings."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, created, checkpoint_dir) VALUES (?, ?, ?)",
+                (job_id, time.time(), default_dir),
+            )
+            if settings:
+                self._update_job(db, job_id, settings)
+        return self.job(job_id)
+
+    def update_job(self, job_id: int, **values: Any) -> None:
+        with self.transaction() as db:
+            self._update_job(db, job_id, values)
+
+    @staticmethod
+    def _update_job(db: sqlite3.Connection, job_id: int, values: dict[str, Any]) -> None:
+        cols = ", ".join(f"{k} = ?" for k in values)
+        db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*values.values(), job_id))
+
+    def adjust_disabled(self, job_id: int, delta: int) -> int:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET disabled = MAX(0, disabled + ?) WHERE job_id = ?", (delta, job_id)
+            )
+        return self.job(job_id).disabled
+
+    def find_job(self, job_id: int) -> JobRecord | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = JobRecord(**dict(row))
+        job.steps = self.steps(job_id)
+        return job
+
+    def job(self, job_id: int) -> JobRecord:
+        job = self.find_job(job_id)
+        if job is None:
+            raise NotFoundError(f"unknown job {job_id}")
+        return job
+
+    def jobs(self) -> list[JobRecord]:
+        ids = [r[0] for r in self.db.execute("SELECT job_id FROM jobs ORDER BY job_id")]
+        return [self.job(i) for i in ids]
+
+    # steps ----------------------------------------------------------------------------
+    def next_step_id(self, job_id: int) -> int:
+        row = self.db.execute(
+            "SELECT COALESCE(MAX(step_id) + 1, 0) FROM steps WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def put_step(self, step: StepRecord) -> None:
+        data = dict(step.__dict__)
+        data["argv"] = json.dumps(step.argv)
+        cols = ", ".join(data)
+        marks = ", ".join("?" for _ in data)
+        with self.transaction() as db:
+            db.execute(f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})", tuple(data.values()))
+
+    def update_step(self, step: StepId, **values: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE steps SET {cols} WHERE job_id = ? AND step_id = ?",
+                (*values.values(), step.job_id, step.step_id),
+            )
+
+    def compare_and_set_state(self, step: StepId, expected: tuple[str, ...], new: str) -> bool:
+        marks = ", ".join("?" for _ in expected)
+        with self.transaction() as db:
+            cur = db.execute(
+                f"UPDATE steps SET state = ? WHERE job_id = ? AND step_id = ? AND state IN ({marks})",
+                (new, step.job_id, step.step_id, *expected),
+            )
+            return cur.rowcount == 1
+
+    def find_step(self, step: StepId) -> StepRecord | None:
+        row = self.db.execute(
+            "SELECT * FROM steps WHERE job_id = ? AND step_id = ?", (step.job_id, step.step_id)
+        ).fetchone()
+        return None if row is None else _step(row)
+
+    def step(self, step: StepId) -> StepRecord:
+        rec = self.find_step(step)
+        if rec is None:
+            raise NotFoundError(f"unknown step {step}")
+        return rec
+
+    def steps(self, job_id: int) -> list[StepRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM steps WHERE job_id = ? ORDER BY step_id", (job_id,)
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    # checkpoints ----------------------------------------------------------------------
+    def add_checkpoint(self, ckpt: CheckpointRecord) -> None:
+        data = dict(ckpt.__dict__)
+        cols = ", ".join(data)
+        marks = ", ".join("?" for _ in data)
+        with self.transaction() as db:
+            db.execute(f"INSERT INTO checkpoints ({cols}) VALUES ({marks})", tuple(data.values()))
+
+    def checkpoints(self, job_id: int) -> list[CheckpointRecord]:
+        rows = self.db.execute(
+            "SELECT job_id, step_id, path, created, stored_bytes, image_bytes, frozen_time, "
+            "total_time FROM checkpoints WHERE job_id = ? ORDER BY created",
+            (job_id,),
+        ).fetchall()
+        return [CheckpointRecord(**dict(r)) for r in rows]
+
+
+def _step(row: sqlite3.Row) -> StepRecord:
+    data = dict(row)
+    data["argv"] = json.loads(data["argv"])
+    return StepRecord(**data)
