@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ccr.errors import UsageError
 
-_REF = re.compile(r"^(\d{1,9})(?:\.(\d{1,9}))?$")
+_REF = re.compile(r"^([0-9]{1,10})(?:\.([0-9]{1,10}))?$")
 
 
 @dataclass(frozen=True, order=True)

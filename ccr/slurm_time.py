@@ -9,7 +9,7 @@ from ccr.errors import UsageError
 # The largest interval accepted: what a signed 32-bit count of seconds holds (68 years).
 MAX_SECONDS = 2**31 - 1
 
-_NUM = r"(\d{1,10})"
+_NUM = r"([0-9]{1,10})"
 _FORMS = [
     (re.compile(rf"^{_NUM}$"), ("minutes",)),
     (re.compile(rf"^{_NUM}:{_NUM}$"), ("minutes", "seconds")),

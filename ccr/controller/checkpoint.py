@@ -221,9 +221,11 @@ def _dump_step(
     except OSError as exc:
         raise storage_error(step_dir, exc, "dumping into") from None
     except CcrError as exc:
-        if "No space left" in str(exc) or "ENOSPC" in str(exc):
+        if "No space left" in str(exc):
+            log = getattr(exc, "log_path", None)
             raise StorageError(
                 f"no space left in {step_dir.parent} while dumping step {step.id}"
+                + (f" (CRIU log: {log})" if log else "")
             ) from None
         raise
     try:

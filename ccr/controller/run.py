@@ -47,8 +47,24 @@ def _resolve_step(rt: Runtime, req: RunRequest) -> StepId:
         if job_id is None:
             job_id = db.allocate_job_id()
         if step_id is None:
+            step_id = _interrupted_step(db, job_id, req.argv)
+        if step_id is None:
             step_id = db.next_step_id(job_id)
     return StepId(job_id, step_id)
+
+
+def _interrupted_step(db: reg.Registry, job_id: int, argv: list[str]) -> int | None:
+    """The step that ran this same command in this job and did not finish (a requeue).
+
+    Running the same command again in the same job (as a requeued batch script does) must
+    resume it, not start a new step beside it.
+    """
+    for step in reversed(db.steps(job_id)):
+        if step.argv == argv and step.state in (reg.VACATED, reg.LOST, reg.FAILED):
+            return step.step_id
+        if step.argv == argv and step.state == reg.RUNNING and not _alive(step):
+            return step.step_id
+    return None
 
 
 def _check_dir(path: Path, what: str) -> Path:

@@ -257,7 +257,10 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _log_reason(log_file: Path) -> str:
-    """The last real error line of a CRIU log (CRIU always logs a harmless RLIMIT one)."""
+    """The first real error of a CRIU log: the cause; later ones are its consequences.
+
+    CRIU logs a harmless RLIMIT_NOFILE error on every run here, so that one is skipped.
+    """
     try:
         lines = log_file.read_text(errors="replace").splitlines()
     except OSError:
@@ -265,8 +268,8 @@ def _log_reason(log_file: Path) -> str:
     errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
     if not errors:
         return ""
-    last = errors[-1]
-    return last.split("): ", 1)[-1].strip() if "): " in last else last.strip()
+    first = errors[0]
+    return first.split("): ", 1)[-1].strip() if "): " in first else first.strip()
 
 
 def read_dump_stats(path: Path) -> DumpStats:

@@ -1,0 +1,185 @@
+"""Shared fixtures: an isolated ccr (own state dir, own work dir) that cleans up by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def criu_works() -> bool:
+    from ccr import config
+    from ccr.engines.criu import Criu
+
+    try:
+        ok, _ = Criu(config.criu_binary()).check()
+    except Exception:  # noqa: BLE001
+        return False
+    return ok
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll predicate until it returns something truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def numbers(path: Path) -> list[int]:
+    """The integers a test program printed, one per line (ignores partial last lines)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in text.split("\n")[:-1] if x.strip().lstrip("-").isdigit()]
+
+
+@dataclass
+class Ccr:
+    """Runs the ccr CLI against a private state dir and work dir."""
+
+    state_dir: Path
+    work: Path
+    env: dict[str, str]
+    popens: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ccr", *args],
+            cwd=kw.pop("cwd", self.work),
+            env=kw.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            **kw,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"ccr {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        """Start a foreground `ccr ...` (a supervisor) that the fixture kills at teardown."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ccr", *args],
+            cwd=kw.pop("cwd", self.work),
+            env=kw.pop("env", self.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
+        self.popens.append(proc)
+        return proc
+
+    def detach(self, *cmd: str, options: tuple[str, ...] = ()) -> str:
+        """`ccr run --detach [options] -- cmd`; return the step id it printed."""
+        return self.run("run", "--detach", *options, "--", *cmd).stdout.strip()
+
+    def status(self, job_id: int | str) -> dict[str, Any]:
+        return json.loads(self.run("status", str(job_id), "--json").stdout)
+
+    def step(self, step: str) -> dict[str, Any]:
+        job = self.status(step.split(".")[0])
+        return next(s for s in job["steps"] if s["step"] == step)
+
+    def program(self, name: str, source: str) -> Path:
+        path = self.work / name
+        path.write_text(source)
+        return path
+
+    # cleanup ---------------------------------------------------------------------------
+    def our_pids(self) -> list[int]:
+        """Every PID the registry names (inits first, then supervisors) that is still ours."""
+        db_path = self.state_dir / "registry.db"
+        if not db_path.exists():
+            return []
+        db = sqlite3.connect(db_path, timeout=30)
+        try:
+            rows = db.execute("SELECT init_pid, supervisor_pid FROM steps").fetchall()
+        finally:
+            db.close()
+        pids = [r[0] for r in rows if r[0]] + [r[1] for r in rows if r[1]]
+        return [p for p in pids if self._is_ours(p)]
+
+    def _is_ours(self, pid: int) -> bool:
+        # Only a process started with this test's state dir in its environment is ours: a PID
+        # from the registry may have been reused by an unrelated process since.
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return False
+        return f"CCR_STATE_DIR={self.state_dir}".encode() in environ.split(b"\0")
+
+    def cleanup(self) -> None:
+        for proc in self.popens:
+            if proc.poll() is None:
+                proc.kill()
+        for pid in self.our_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.popens:
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 15
+        while self.our_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def ccr(tmp_path: Path) -> Iterator[Ccr]:
+    if os.geteuid() != 0:
+        pytest.fail("ccr's end-to-end tests need root (CRIU); run them as root")
+    if not criu_works():
+        pytest.fail("no working CRIU: run scripts/install-criu.sh")
+    state = tmp_path / "state"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env["CCR_STATE_DIR"] = str(state)
+    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    for var in list(env):
+        if var.startswith(("SLURM_", "SBATCH_", "CCR_COMPRESS")):
+            del env[var]
+    instance = Ccr(state, work, env)
+    try:
+        yield instance
+    finally:
+        instance.cleanup()
+
+
+COUNTER = """\
+import sys, time
+i = 0
+state = [0] * 1000  # some heap state that must survive
+while True:
+    state[i % 1000] = i
+    print(i, flush=True)
+    i += 1
+    time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0.05)
+"""
