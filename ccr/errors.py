@@ -96,3 +96,11 @@ def exit_code_for(error: BaseException) -> int:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]  # type: ignore[index]
     return 1
+
+
+def error_for_code(code: int, message: str) -> CcrError:
+    """Rebuild an error reported by another process (a supervisor) from its exit code."""
+    for cls, value in EXIT_CODES.items():
+        if value == code and cls is not CcrError:
+            return cls(message)
+    return CcrError(message)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
-from ccr.errors import CcrError, JobStateError, NotFoundError, StorageError
+from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
 from ccr.storage.imageset import CheckpointSeries, discard, make_private_dir, storage_error
@@ -82,6 +83,8 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
         with rt.job_lock(ref.job_id, opts.max_wait):
             with rt.registry() as db:
                 db.update_job(ref.job_id, ckpt_began=time.time())
+                stale = [s for s in db.steps(ref.job_id) if s.state == reg.VACATING and _alive_tree(s)]
+            _resume(rt, stale)
             try:
                 result = _create_locked(rt, ref, steps, image_dir, keep, opts, deadline, started)
             finally:
@@ -109,9 +112,8 @@ def _live_steps(db: reg.Registry, ref: JobRef) -> list[reg.StepRecord]:
 
 
 def _is_live(step: reg.StepRecord) -> bool:
-    if step.state != reg.RUNNING or step.init_pid is None or step.init_start is None:
-        return False
-    return process.ProcessIdentity(step.init_pid, step.init_start).alive()
+    # A `vacating` step whose ccr died is recovered (resumed) once we hold the job lock.
+    return step.state in (reg.RUNNING, reg.VACATING) and _alive_tree(step)
 
 
 def _create_locked(
@@ -132,9 +134,11 @@ def _create_locked(
     staging = series.begin()
     whole_job = ref.step_id is None
     stopped: list[reg.StepRecord] = []
+    touched: list[reg.StepRecord] = []
     manifests: list[StepManifest] = []
     try:
         for step in steps:
+            touched.append(step)
             step_dir = staging / str(step.step_id) if whole_job else staging
             if whole_job:
                 make_private_dir(step_dir)
@@ -159,9 +163,15 @@ def _create_locked(
             )
             write_signed(staging / JOB_MANIFEST, job_manifest.to_dict(), key)
         generation = series.publish(staging)
+    except MaxWaitExceeded as exc:
+        discard(staging)
+        _resume(rt, touched)
+        raise MaxWaitExceeded(
+            f"checkpoint of {ref} abandoned: {exc}; the job is running, nothing was published"
+        ) from None
     except BaseException:
         discard(staging)
-        _resume(rt, stopped)
+        _resume(rt, touched)
         raise
     if opts.stop:
         _kill_vacated(rt, stopped)
@@ -274,15 +284,37 @@ def _dump_step(
     return manifest
 
 
-def _resume(rt: Runtime, stopped: list[reg.StepRecord]) -> None:
-    """Undo a failed vacate: wake every stopped tree and mark it running again."""
-    for step in stopped:
+def _resume(rt: Runtime, steps: list[reg.StepRecord]) -> None:
+    """Undo a failed checkpoint: every task of every tree it touched runs again."""
+    for step in steps:
         if step.init_pid is not None:
-            for pid in process.tree_pids(step.init_pid):
-                process.signal_process(pid, signal.SIGCONT)
+            stuck = process.resume_tree(step.init_pid)
+            if stuck:
+                print(f"ccr: warning: tasks {stuck} of step {step.id} are still stopped", file=sys.stderr)
     with rt.registry() as db:
-        for step in stopped:
+        for step in steps:
             db.compare_and_set_state(step.id, (reg.VACATING,), reg.RUNNING)
+
+
+def recover_interrupted(rt: Runtime, job_id: int) -> list[StepId]:
+    """Resume steps left stopped by a vacate whose ccr died before killing them.
+
+    Only safe while nobody checkpoints the job, so it takes the job lock without waiting.
+    """
+    try:
+        with rt.job_lock(job_id, max_wait=0):
+            with rt.registry() as db:
+                stale = [s for s in db.steps(job_id) if s.state == reg.VACATING and _alive_tree(s)]
+            _resume(rt, stale)
+            return [s.id for s in stale]
+    except MaxWaitExceeded:
+        return []
+
+
+def _alive_tree(step: reg.StepRecord) -> bool:
+    if step.init_pid is None or step.init_start is None:
+        return False
+    return process.ProcessIdentity(step.init_pid, step.init_start).alive()
 
 
 def _kill_vacated(rt: Runtime, stopped: list[reg.StepRecord]) -> None:

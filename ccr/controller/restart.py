@@ -146,8 +146,11 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
             f"checkpoint {image.path} belongs to uid {m.uid}; only that user or root may restart it"
         )
     owner = image.path.stat().st_uid
-    if owner not in (0, uid):
-        raise PermissionDeniedError(f"checkpoint {image.path} is owned by uid {owner}, not by you")
+    if owner not in (0, uid, m.uid):
+        raise PermissionDeniedError(
+            f"checkpoint {image.path} is owned by uid {owner}, neither root nor the job's owner"
+        )
+    check_criu_version(rt, image)
     if stick_to_nodes and m.hostname != socket.gethostname():
         raise JobStateError(
             f"StickToNodes: checkpoint of {image.step} was taken on {m.hostname}, "
@@ -164,6 +167,21 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
                 )
     if not Path(m.cwd).is_dir():
         raise StorageError(f"working directory {m.cwd} of step {image.step} no longer exists")
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def check_criu_version(rt: Runtime, image: StepImage) -> None:
+    """Refuse images from a newer CRIU major version than ours (its image format may differ)."""
+    ours = rt.criu().version()
+    theirs = image.manifest.criu_version
+    if _major(theirs) > _major(ours) or _major(theirs) < 3:
+        raise IntegrityError(
+            f"checkpoint {image.path} was made by CRIU {theirs}; this CRIU {ours} cannot restore it"
+        )
 
 
 def prepare_files(image: StepImage) -> None:

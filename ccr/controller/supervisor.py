@@ -18,7 +18,7 @@ from ccr import config
 from ccr.controller import checkpoint
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
-from ccr.errors import EXIT_VACATED, CcrError, exit_code_for
+from ccr.errors import EXIT_VACATED, CcrError, error_for_code, exit_code_for
 from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
 
@@ -123,6 +123,7 @@ class Supervisor:
         interval = self.settings.interval
         due = self._first_due()
         preempted: bool | None = None
+        recover_check = 0.0
         while True:
             pid, status = os.waitpid(self.init.pid, os.WNOHANG)
             if pid:
@@ -134,6 +135,9 @@ class Supervisor:
                 elif sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
                     process.signal_process(self.init.pid, sig)
             now = time.time()
+            if now >= recover_check and preempted is None:
+                recover_check = now + 2.0
+                self._recover_if_abandoned()
             if due is not None and now >= due and preempted is None:
                 self._interval_checkpoint()
                 due = time.time() + interval
@@ -146,6 +150,14 @@ class Supervisor:
                     pass
             except BlockingIOError:
                 pass
+
+    def _recover_if_abandoned(self) -> None:
+        """A vacate whose ccr was killed leaves our tree stopped: wake it up again."""
+        with self.rt.registry() as db:
+            state = db.step(self.step).state
+        if state == reg.VACATING:
+            for step in checkpoint.recover_interrupted(self.rt, self.step.job_id):
+                self.settings.log(f"resumed step {step}: the checkpoint that stopped it was abandoned")
 
     def _interval_checkpoint(self) -> None:
         opts = checkpoint.CheckpointOptions(max_wait=self.settings.max_wait, keep=self.settings.keep)
@@ -224,9 +236,7 @@ def spawn_background(name: str, target: Callable[[Report], int]) -> dict[str, An
         raise CcrError(f"supervisor died before reporting (see {log_path})")
     message: dict[str, Any] = json.loads(data.splitlines()[0])
     if not message.get("ok"):
-        error = CcrError(str(message.get("error")))
-        error.exit_code = int(message.get("code", 1))
-        raise error
+        raise error_for_code(int(message.get("code", 1)), str(message.get("error")))
     return message
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -11,7 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccr.engines import process
 from ccr.errors import CcrError, CriuError, MaxWaitExceeded
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 try:
     from pycriu import rpc_pb2 as rpc
@@ -134,7 +139,18 @@ class Criu:
         req.opts.tcp_established = tcp_established
         req.opts.file_locks = True
         started = time.monotonic()
-        resp = self._call(req, images_dir, work_dir, timeout, hook, "restore")
+        since = process.now_ticks()
+        try:
+            resp = self._call(req, images_dir, work_dir, timeout, hook, "restore")
+        except BaseException:
+            # Roll back: no half-restored tree may outlive a failed or abandoned restore.
+            for pid in process.restore_leftovers(since, self.binary):
+                process.signal_process(pid, signal.SIGKILL)
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            raise
         return RestoreResult(pid=resp.restore.pid, wall_time=time.monotonic() - started)
 
     def _call(
@@ -168,8 +184,7 @@ class Criu:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                # Signal masks are inherited: make sure criu starts with none blocked.
-                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []),
+                preexec_fn=_criu_child_setup,
             )
         except OSError as exc:
             ours.close()
@@ -245,6 +260,14 @@ class Criu:
         resp = rpc.criu_resp()
         resp.ParseFromString(buf)
         return resp
+
+
+def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child
+    # Signal masks are inherited: criu must start with none blocked.
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # If ccr dies (SIGKILL, MaxWait watchdog gone), criu must not carry on alone: a dump
+    # killed half-way leaves the tree running, and nothing partial is ever published.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -172,6 +172,59 @@ def terminate(identity: ProcessIdentity, grace: float = 5.0) -> None:
         wait_gone(identity, 10.0)
 
 
+def stopped_pids(root: int) -> list[int]:
+    """PIDs of the tree that are stopped (T) or stopped under a tracer (t)."""
+    stopped = []
+    for pid in tree_pids(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] in "tT":
+            stopped.append(pid)
+    return stopped
+
+
+def resume_tree(root: int, timeout: float = 5.0) -> list[int]:
+    """SIGCONT every task of the tree until none is stopped; return those still stopped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in tree_pids(root):
+            signal_process(pid, signal.SIGCONT)
+        stuck = stopped_pids(root)
+        if not stuck or time.monotonic() >= deadline:
+            return stuck
+        time.sleep(0.05)
+
+
+def restore_leftovers(since: int, helper_exe: str) -> list[int]:
+    """Our children started at or after `since` (clock ticks) by an abandoned restore.
+
+    These are PID-namespace inits (half-restored roots) and helper_exe processes (CRIU's own
+    forks, orphaned when CRIU was killed and reparented to us, the subreaper).
+    """
+    found = []
+    helper = os.path.realpath(helper_exe)
+    for child in psutil.Process().children():
+        start = start_time(child.pid)
+        if start is None or start < since:
+            continue
+        try:
+            exe = os.path.realpath(f"/proc/{child.pid}/exe")
+        except OSError:
+            exe = ""
+        if exe == helper or (ns_pid(child.pid) or 0) != child.pid:
+            found.append(child.pid)
+    return found
+
+
+def now_ticks() -> int:
+    """The current time in the clock ticks /proc uses for start times."""
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    return int(uptime * os.sysconf("SC_CLK_TCK"))
+
+
 def ns_pid(pid: int) -> int | None:
     """The innermost-namespace PID of a host PID (the `NSpid` line's last field)."""
     try:

@@ -1,0 +1,539 @@
+"""Compress checkpoint image files with zstd (streaming, multi-threaded, checksummed, fsync'd)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from io import FileIO
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+import zstandard
+
+from ccr.errors import IntegrityError, StorageError, UsageError
+from ccr.storage.manifest import FileEntry
+
+# Level 1 with threads=-1: on training-like pages (perf-baselines.md §3 and scripts/bench.py)
+# it stores within 1% of level 3's bytes at 1.4x its speed; level 9 gains ~4% for 5x the time.
+DEFAULT_LEVEL = 1
+MAX_LEVEL: int = zstandard.MAX_COMPRESSION_LEVEL
+# ZSTD_minCLevel() of libzstd >= 1.4: the fastest "negative" level.
+MIN_LEVEL = -(1 << 17)
+
+SUFFIX = ".zst"
+# Files below this stay uncompressed (codec "none"): CRIU's metadata images (tens of KB in
+# all) gain nothing worth a frame each, and kept raw they stay readable by crit.
+SMALL_FILE = 64 * 1024
+
+# 1 MiB reads and writes: large enough that Python's per-call cost vanishes next to zstd's
+# multi-threaded jobs (2 MiB at level 1), small enough that memory stays flat.
+_CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+
+_SPEC = re.compile(r"zstd(?::(-?[0-9]{1,7}))?")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How image files are stored: "zstd" at a level, or "none" (level 0)."""
+
+    name: str
+    level: int
+
+    @property
+    def spec(self) -> str:
+        """The text parse_codec reads back ("zstd:1", "none"), e.g. for a manifest."""
+        return f"zstd:{self.level}" if self.name == "zstd" else "none"
+
+
+def parse_codec(text: str) -> Codec:
+    """ "none", "zstd" (DEFAULT_LEVEL) or "zstd:LEVEL"; raise UsageError for anything else."""
+    spec = text.strip().lower()
+    if spec == "none":
+        return Codec("none", 0)
+    match = _SPEC.fullmatch(spec)
+    if match is not None:
+        if match.group(1) is None:
+            return Codec("zstd", DEFAULT_LEVEL)
+        level = int(match.group(1))
+        # Level 0 means "libzstd's default" (3), which would make the stored level lie.
+        if level != 0 and MIN_LEVEL <= level <= MAX_LEVEL:
+            return Codec("zstd", level)
+    raise UsageError(
+        f"bad compression {text!r}: use none, zstd or zstd:LEVEL "
+        f"(LEVEL 1..{MAX_LEVEL}, or {MIN_LEVEL}..-1 for zstd's fast levels)"
+    )
+
+
+def compress_file(src: Path, dst: Path, level: int, threads: int = -1) -> tuple[int, str]:
+    """Compress src into dst (0600, fsync'd) as one zstd frame with content size and checksum.
+
+    Returns the compressed size and the SHA-256 of the compressed bytes, both taken while
+    writing.  On failure dst is removed and StorageError raised.
+    """
+    _, size, digest = _compress(src, dst, level, threads, None)
+    return size, digest
+
+
+def decompress_file(src: Path, dst: Path) -> int:
+    """Decompress the zstd file src into dst (0600); return the decompressed size.
+
+    A corrupted or truncated src raises IntegrityError naming it; dst is then removed.
+    dst is not fsync'd: restores unpack into scratch space that a crash makes moot.
+    """
+    return _decompress(src, dst, None, None)
+
+
+def compress_dir(
+    src_dir: Path, dst_dir: Path, codec: Codec, progress: Progress | None = None
+) -> list[FileEntry]:
+    """Store every regular file of src_dir in dst_dir (created 0700 if missing) with codec.
+
+    With "zstd", a file of SMALL_FILE bytes or more becomes `<name>.zst`; smaller ones are
+    copied unchanged with codec "none".  Every file is 0600 and fsync'd, and so is dst_dir.
+    progress, if given, gets the raw bytes done so far (cumulative over the directory).
+    Returns the entries sorted by source name; sizes and SHA-256 are those of the stored
+    bytes, raw_size that of the original.
+    """
+    if codec.name not in ("zstd", "none"):
+        raise UsageError(f"unknown codec {codec.name!r}")
+    dst_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    done = 0
+
+    def report(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done)
+
+    entries: list[FileEntry] = []
+    taken: set[str] = set()
+    for path in _regular_files(src_dir):
+        raw_size = path.stat().st_size
+        packed = codec.name == "zstd" and raw_size >= SMALL_FILE
+        name = path.name + SUFFIX if packed else path.name
+        if name in taken:
+            raise StorageError(f"cannot store both {name} and {path.name} in {dst_dir}")
+        taken.add(name)
+        if packed:
+            raw_size, size, digest = _compress(path, dst_dir / name, codec.level, -1, report)
+            entries.append(FileEntry(name, size, digest, raw_size=raw_size, codec="zstd"))
+        else:
+            size, digest = _copy(path, dst_dir / name, None, report)
+            entries.append(FileEntry(name, size, digest, raw_size=size, codec="none"))
+    _fsync_dir(dst_dir)
+    return entries
+
+
+def decompress_dir(
+    src_dir: Path,
+    dst_dir: Path,
+    entries: list[FileEntry],
+    progress: Progress | None = None,
+    *,
+    verify: bool = True,
+) -> None:
+    """Restore the files that compress_dir listed in entries into dst_dir, original names.
+
+    With verify (the default) each stored file's size and SHA-256 are checked against its
+    entry in the same read pass, so callers need not run verify_files first (a second read
+    of everything); a mismatch raises IntegrityError naming the file.  Files are unpacked on
+    up to one thread per CPU (zstd decompression is single-threaded: several pages-*.img of
+    a process tree go in parallel), so progress, if given, is called from those threads,
+    with the raw bytes done so far.  On failure the files written into dst_dir are removed.
+    """
+    dst_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    plan: list[tuple[FileEntry, Path, Path]] = []
+    targets: set[str] = set()
+    for entry in entries:
+        _check_name(entry.name, src_dir)
+        if entry.codec == "zstd" and entry.name.endswith(SUFFIX) and len(entry.name) > 4:
+            target = entry.name[: -len(SUFFIX)]
+        elif entry.codec == "none":
+            target = entry.name
+        else:
+            raise IntegrityError(
+                f"checkpoint file {src_dir / entry.name} has unknown codec {entry.codec!r}"
+            )
+        if target in targets:
+            raise IntegrityError(f"checkpoint {src_dir} lists {target} twice")
+        targets.add(target)
+        plan.append((entry, src_dir / entry.name, dst_dir / target))
+
+    lock = threading.Lock()
+    done = 0
+
+    def report(nbytes: int) -> None:
+        nonlocal done
+        with lock:
+            done += nbytes
+            if progress is not None:
+                progress(done)
+
+    def unpack(entry: FileEntry, src: Path, dst: Path) -> None:
+        expect = entry if verify else None
+        if entry.codec == "zstd":
+            raw = _decompress(src, dst, expect, report)
+            if verify and raw != entry.raw_size:
+                dst.unlink(missing_ok=True)
+                raise IntegrityError(
+                    f"checkpoint file {src} unpacks to {raw} bytes, manifest says "
+                    f"{entry.raw_size} (corrupted)"
+                )
+        else:
+            _copy(src, dst, expect, report)
+
+    # Largest first, so the last file to finish is a small one.
+    plan.sort(key=lambda item: item[0].size, reverse=True)
+    workers = max(1, min(os.cpu_count() or 1, len(plan)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccr-unpack") as pool:
+        futures: list[Future[None]] = [pool.submit(unpack, *item) for item in plan]
+        failure: BaseException | None = None
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after clean-up
+                if failure is None:
+                    failure = exc
+                    for other in futures:
+                        other.cancel()
+    if failure is not None:
+        for _, _, dst in plan:
+            dst.unlink(missing_ok=True)
+        raise failure
+
+
+# --- internals -----------------------------------------------------------------------------
+
+
+def _compress(
+    src: Path, dst: Path, level: int, threads: int, report: Progress | None
+) -> tuple[int, int, str]:
+    """(raw size, compressed size, SHA-256 of the compressed bytes) of src compressed to dst."""
+    cctx = zstandard.ZstdCompressor(
+        level=level, threads=threads, write_checksum=True, write_content_size=True
+    )
+    try:
+        with src.open("rb", buffering=0) as ifh:
+            size = os.fstat(ifh.fileno()).st_size
+            source: BinaryIO | _CountingReader = (
+                ifh if report is None else _CountingReader(ifh, report)
+            )
+            fd = _create(dst)
+            try:
+                sink = _HashingWriter(fd)
+                # The pledged size goes into the frame header: the decoder then checks it.
+                raw, _ = cctx.copy_stream(
+                    _io(source), _io(sink), size=size, read_size=_CHUNK, write_size=_CHUNK
+                )
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        dst.unlink(missing_ok=True)
+        raise StorageError(f"cannot compress {src} into {dst}: {exc.strerror or exc}") from None
+    except zstandard.ZstdError as exc:
+        # In practice "Src size is incorrect": src changed while it was read.
+        dst.unlink(missing_ok=True)
+        raise StorageError(f"cannot compress {src}: {exc}") from None
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return raw, sink.size, sink.digest.hexdigest()
+
+
+def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress | None) -> int:
+    dctx = zstandard.ZstdDecompressor()
+    walker = _FrameWalker()
+    digest = hashlib.sha256() if expect is not None else None
+    ifh = _open_source(src, stored=True)
+    try:
+        with ifh:
+            source = _WalkingReader(ifh, walker, digest)
+            fd = _create(dst)
+            try:
+                sink = _CountingWriter(fd, report)
+                dctx.copy_stream(_io(source), _io(sink), read_size=_CHUNK, write_size=_CHUNK)
+            finally:
+                os.close(fd)
+    except zstandard.ZstdError as exc:
+        dst.unlink(missing_ok=True)
+        raise IntegrityError(f"compressed checkpoint file {src} is corrupted ({exc})") from None
+    except OSError as exc:
+        dst.unlink(missing_ok=True)
+        raise StorageError(f"cannot decompress {src} into {dst}: {exc.strerror or exc}") from None
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    problem = None
+    if expect is not None and digest is not None:
+        problem = _mismatch(src, expect, source.size, digest)
+    if problem is None and walker.bad:
+        problem = f"compressed checkpoint file {src} is corrupted (bad zstd frame structure)"
+    if problem is None and not walker.complete:
+        # zstandard's streaming decoders stop quietly at the end of the input, mid-frame or
+        # not (even before the checksum): only the frame walk tells a truncated file apart.
+        problem = f"compressed checkpoint file {src} is truncated (zstd frame incomplete)"
+    if problem is not None:
+        dst.unlink(missing_ok=True)
+        raise IntegrityError(problem)
+    return sink.size
+
+
+def _copy(
+    src: Path, dst: Path, expect: FileEntry | None, report: Progress | None
+) -> tuple[int, str]:
+    """Copy src to dst (0600): (size, SHA-256).
+
+    Without expect (storing) dst is fsync'd; with expect (unpacking a stored file) size and
+    SHA-256 are checked against it instead.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    ifh = _open_source(src, stored=expect is not None)
+    try:
+        with ifh:
+            fd = _create(dst)
+            try:
+                while n := ifh.readinto(buf):
+                    digest.update(view[:n])
+                    _write_all(fd, view[:n])
+                    size += n
+                    if report is not None:
+                        report(n)
+                if expect is None:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        dst.unlink(missing_ok=True)
+        raise StorageError(f"cannot copy {src} to {dst}: {exc.strerror or exc}") from None
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    if expect is not None:
+        problem = _mismatch(src, expect, size, digest)
+        if problem is not None:
+            dst.unlink(missing_ok=True)
+            raise IntegrityError(problem)
+    return size, digest.hexdigest()
+
+
+def _open_source(src: Path, stored: bool) -> FileIO:
+    try:
+        return src.open("rb", buffering=0)
+    except FileNotFoundError:
+        if stored:  # a stored file that is gone is a broken checkpoint
+            raise IntegrityError(f"checkpoint file missing: {src}") from None
+        raise StorageError(f"cannot read {src}: no such file") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {src}: {exc.strerror or exc}") from None
+
+
+def _mismatch(src: Path, expect: FileEntry, size: int, digest: hashlib._Hash) -> str | None:
+    # Same wording as manifest.verify_files, so users see one vocabulary.
+    if size != expect.size:
+        return f"checkpoint file {src} is {size} bytes, manifest says {expect.size} (truncated?)"
+    if digest.hexdigest() != expect.sha256:
+        return f"checkpoint file {src} is corrupted (checksum mismatch)"
+    return None
+
+
+def _io(stream: object) -> IO[bytes]:
+    # zstandard calls only read() or write(); its stubs ask for a whole IO[bytes].
+    return cast(IO[bytes], stream)
+
+
+def _create(path: Path) -> int:
+    # O_NOFOLLOW: a planted symlink must not redirect a root-owned write.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _regular_files(directory: Path) -> list[Path]:
+    with os.scandir(directory) as it:
+        names = sorted(e.name for e in it if e.is_file(follow_symlinks=False))
+    return [directory / name for name in names]
+
+
+def _check_name(name: str, directory: Path) -> None:
+    # Names come from a signed manifest, but a path must never leave the image directory.
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise IntegrityError(f"checkpoint {directory} lists a bad file name {name!r}")
+
+
+class _HashingWriter:
+    """copy_stream's sink for compression: writes to fd, hashing and counting on the way."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        _write_all(self.fd, view)
+        self.size += len(view)
+        return len(view)
+
+
+class _CountingWriter:
+    """copy_stream's sink for decompression: counts the raw bytes and reports progress."""
+
+    def __init__(self, fd: int, report: Progress | None) -> None:
+        self.fd = fd
+        self.report = report
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        _write_all(self.fd, view)
+        self.size += len(view)
+        if self.report is not None:
+            self.report(len(view))
+        return len(view)
+
+
+class _CountingReader:
+    """A source for copy_stream that reports each chunk read (compression progress)."""
+
+    def __init__(self, fh: BinaryIO, report: Progress) -> None:
+        self.fh = fh
+        self.report = report
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        if data:
+            self.report(len(data))
+        return data
+
+
+class _WalkingReader:
+    """A source for copy_stream that feeds the frame walker (and the hash) what it reads."""
+
+    def __init__(self, fh: BinaryIO, walker: _FrameWalker, digest: hashlib._Hash | None) -> None:
+        self.fh = fh
+        self.walker = walker
+        self.digest = digest
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        if data:
+            self.size += len(data)
+            self.walker.feed(data)
+            if self.digest is not None:
+                self.digest.update(data)
+        return data
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MASK = 0xFFFFFFF0
+_SKIPPABLE_MAGIC = 0x184D2A50
+
+
+class _FrameWalker:
+    """Follows the zstd frame format (RFC 8878 §3.1) across chunks, reading headers only.
+
+    It tells whether the input ended exactly at the end of a frame.  zstandard's streaming
+    decoders cannot: they return what they decoded when input runs out, even mid-block or
+    before the checksum.  Cost: a few Python operations per block (<= 128 KiB raw).
+    """
+
+    def __init__(self) -> None:
+        self._state = "magic"  # the structure being collected: magic, fhd, block, skipsize
+        self._need = 4
+        self._buf = bytearray()
+        self._skip = 0  # payload bytes to pass over before the next structure
+        self._checksum = False
+        self.frames = 0
+        self.bad = False
+
+    @property
+    def complete(self) -> bool:
+        return (
+            not self.bad
+            and self.frames > 0
+            and self._state == "magic"
+            and not self._buf
+            and self._skip == 0
+        )
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end and not self.bad:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            take = min(self._need - len(self._buf), end - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            if len(self._buf) == self._need:
+                value = int.from_bytes(self._buf, "little")
+                self._buf.clear()
+                self._advance(value)
+
+    def _advance(self, value: int) -> None:
+        if self._state == "magic":
+            if value == _ZSTD_MAGIC:
+                self._state, self._need = "fhd", 1
+            elif value & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
+                self._state, self._need = "skipsize", 4
+            else:
+                self.bad = True
+        elif self._state == "fhd":
+            fcs_flag, single, reserved = value >> 6, (value >> 5) & 1, (value >> 3) & 1
+            if reserved:
+                self.bad = True
+                return
+            self._checksum = bool((value >> 2) & 1)
+            window = 0 if single else 1
+            dict_id = (0, 1, 2, 4)[value & 3]
+            fcs = (1 if single else 0, 2, 4, 8)[fcs_flag]
+            self._skip = window + dict_id + fcs
+            self._state, self._need = "block", 3
+        elif self._state == "block":
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:  # reserved block type
+                self.bad = True
+                return
+            self._skip = 1 if kind == 1 else size  # an RLE block stores one byte
+            if last:
+                self._skip += 4 if self._checksum else 0
+                self._state, self._need = "magic", 4
+                self.frames += 1
+        else:  # skipsize
+            self._skip = value
+            self._state, self._need = "magic", 4
+            self.frames += 1
