@@ -17,9 +17,11 @@ except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
 from ccr.controller import checkpoint as ckpt
+from ccr.controller import convert
 from ccr.controller import jobs, restart as rst, run as runner
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.engines.compression import Codec, parse_codec
 from ccr.errors import CcrError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_time import parse_slurm_time
@@ -34,6 +36,11 @@ app = typer.Typer(
 checkpoint_app = typer.Typer(no_args_is_help=True, help="scontrol's `checkpoint` verbs.")
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
+COMPRESS_HELP = "Image codec: zstd[:LEVEL] (default zstd:1) or none; env CCR_COMPRESS."
+
+
+def _codec(text: Optional[str]) -> Codec:
+    return parse_codec(text) if text is not None else ckpt.default_codec()
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
@@ -90,6 +97,7 @@ def run(
     grace: Optional[float] = typer.Option(None, "--grace", help="MaxWait, in seconds, for the checkpoint taken on that signal."),
     max_wait: Optional[float] = typer.Option(None, "--max-wait", help="MaxWait for interval checkpoints and resume, in seconds."),
     detach: bool = typer.Option(False, "--detach", help="Return at once, printing <jobid>.<stepid>; a background supervisor stays."),
+    compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
 
@@ -102,6 +110,7 @@ def run(
         preempt_signals=tuple(sorted(preempt)),
         grace=_max_wait(grace),
         max_wait=_max_wait(max_wait),
+        codec=_codec(compress),
     )
     req = runner.RunRequest(
         argv=command,
@@ -125,17 +134,26 @@ def run(
     raise typer.Exit(code)
 
 
-def _create(ref_text: str, image_dir: Optional[Path], max_wait: Optional[float], stop: bool, as_json: bool) -> None:
+def _create(
+    ref_text: str,
+    image_dir: Optional[Path],
+    max_wait: Optional[float],
+    stop: bool,
+    as_json: bool,
+    compress: Optional[str] = None,
+) -> None:
     ref = _ref(ref_text)
-    opts = ckpt.CheckpointOptions(image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop)
+    opts = ckpt.CheckpointOptions(
+        image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
+    )
     result = ckpt.create(Runtime.from_env(), ref, opts)
     verb = "vacated" if stop else "checkpointed"
     _emit(
         result.to_dict(),
         as_json,
         f"{ref} {verb}: {result.link} -> {result.path.name} "
-        f"({result.stored_bytes / 2**20:.1f} MiB, frozen {result.frozen_time:.2f}s, "
-        f"total {result.total_time:.2f}s)",
+        f"({result.image_bytes / 2**20:.1f} MiB raw, {result.stored_bytes / 2**20:.1f} MiB stored, "
+        f"frozen {result.frozen_time:.2f}s, total {result.total_time:.2f}s)",
     )
 
 
@@ -145,13 +163,14 @@ def create(
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir (default: the job's checkpoint dir)."),
     max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Abandon the checkpoint after this many seconds."),
     leave_running: bool = typer.Option(True, "--leave-running/--stop", help="Keep the job running (default) or terminate it after the checkpoint."),
+    compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint every live step of a job, or one step (scontrol checkpoint create).
 
     Example: ccr create 42.0 --image-dir /scratch/ckpt --max-wait 60
     """
-    _create(ref, image_dir, max_wait, not leave_running, as_json)
+    _create(ref, image_dir, max_wait, not leave_running, as_json, compress)
 
 
 def _restart(ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Optional[float], as_json: bool) -> None:
@@ -219,6 +238,36 @@ def cancel(ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"), as_json: bo
     """
     ended = jobs.cancel(Runtime.from_env(), _ref(ref))
     _emit({"cancelled": ended}, as_json, "\n".join(f"{s} cancelled" for s in ended))
+
+
+def _convert(ckpt_dir: Path, codec: Codec, as_json: bool) -> None:
+    path = convert.convert(Runtime.from_env(), ckpt_dir, codec)
+    _emit({"checkpoint": str(path), "codec": codec.spec}, as_json, f"{path}: stored as {codec.spec}")
+
+
+@app.command()
+def compress(
+    ckpt_dir: Path = typer.Argument(..., metavar="CKPT"),
+    level: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Compress a checkpoint in place, atomically.
+
+    Example: ccr compress /scratch/ckpt/42.0.ckpt --compress zstd:3
+    """
+    codec = _codec(level)
+    if codec.name == "none":
+        raise UsageError("ccr compress needs a zstd codec (use ccr decompress for none)")
+    _convert(ckpt_dir, codec, as_json)
+
+
+@app.command()
+def decompress(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool = JSON_OPT) -> None:
+    """Store a checkpoint uncompressed, in place, atomically (e.g. for crit or criu by hand).
+
+    Example: ccr decompress /scratch/ckpt/42.0.ckpt
+    """
+    _convert(ckpt_dir, Codec("none", 0), as_json)
 
 
 @app.command()

@@ -183,7 +183,7 @@ def assert_refused(ccr: Ccr, job: int, *needles: str) -> None:
 
 def test_corrupted_image_refused(ccr: Ccr) -> None:
     ckpt = vacated_checkpoint(ccr, 66)
-    pages = max(ckpt.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    pages = max(ckpt.glob("pages-*"), key=lambda p: p.stat().st_size)
     data = bytearray(pages.read_bytes())
     data[len(data) // 2] ^= 0xFF
     pages.write_bytes(bytes(data))
@@ -192,7 +192,7 @@ def test_corrupted_image_refused(ccr: Ccr) -> None:
 
 def test_truncated_image_refused(ccr: Ccr) -> None:
     ckpt = vacated_checkpoint(ccr, 67)
-    pages = max(ckpt.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    pages = max(ckpt.glob("pages-*"), key=lambda p: p.stat().st_size)
     os.truncate(pages, pages.stat().st_size // 2)
     assert_refused(ccr, 67, pages.name, "truncated")
 

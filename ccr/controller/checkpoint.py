@@ -15,7 +15,15 @@ from ccr.engines import process
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
-from ccr.storage.imageset import CheckpointSeries, discard, make_private_dir, storage_error
+from ccr.engines.compression import Codec, compress_dir, parse_codec
+from ccr.engines.criu import Criu
+from ccr.storage.imageset import (
+    CheckpointSeries,
+    discard,
+    make_private_dir,
+    scratch_dir,
+    storage_error,
+)
 from ccr.storage.manifest import (
     JOB_MANIFEST,
     MANIFEST,
@@ -26,6 +34,11 @@ from ccr.storage.manifest import (
 )
 
 
+def default_codec() -> Codec:
+    """`CCR_COMPRESS` (e.g. "zstd:3", "none"), else zstd at its default level."""
+    return parse_codec(os.environ.get("CCR_COMPRESS", "zstd"))
+
+
 @dataclass
 class CheckpointOptions:
     """How to take one checkpoint."""
@@ -34,6 +47,7 @@ class CheckpointOptions:
     max_wait: float | None = None
     stop: bool = False  # vacate: terminate the tree once the checkpoint is safe
     keep: int | None = None  # generations to keep; None: the job's setting
+    codec: Codec = field(default_factory=default_codec)
 
 
 @dataclass
@@ -148,7 +162,7 @@ def _create_locked(
                         raise JobStateError(f"step {step.id} stopped running")
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             manifest = _dump_step(
-                rt, criu, criu_version, step, step_dir, opts.stop, remaining, key
+                rt, criu, criu_version, step, step_dir, opts, remaining, key
             )
             if opts.stop:
                 stopped.append(step)
@@ -206,28 +220,32 @@ def _create_locked(
 
 def _dump_step(
     rt: Runtime,
-    criu: object,
+    criu: Criu,
     criu_version: str,
     step: reg.StepRecord,
     step_dir: Path,
-    stop: bool,
+    opts: CheckpointOptions,
     timeout: float | None,
     key: bytes,
 ) -> StepManifest:
-    from ccr.engines.criu import Criu
-
-    assert isinstance(criu, Criu) and step.init_pid is not None
+    assert step.init_pid is not None
     began = time.monotonic()
     pids = process.tree_pids(step.init_pid)
     work = rt.work_dir(f"{step.id}-dump")
+    compressed = opts.codec.name != "none"
+    # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
+    # then are the pages compressed into the image directory (frozen time = CRIU's alone).
+    raw_dir = scratch_dir(process.tree_rss(step.init_pid), step_dir.parent, "dump") if compressed else step_dir
     try:
         stats = criu.dump(
             step.init_pid,
-            step_dir,
+            raw_dir,
             work,
-            final_state="stopped" if stop else "running",
+            final_state="stopped" if opts.stop else "running",
             timeout=timeout,
         )
+        if compressed:
+            entries = compress_dir(raw_dir, step_dir, opts.codec)
     except OSError as exc:
         raise storage_error(step_dir, exc, "dumping into") from None
     except CcrError as exc:
@@ -238,6 +256,9 @@ def _dump_step(
                 + (f" (CRIU log: {log})" if log else "")
             ) from None
         raise
+    finally:
+        if compressed:
+            discard(raw_dir)
     try:
         status = os.stat(f"/proc/{step.init_pid}")
         uid, gid = status.st_uid, status.st_gid
@@ -258,7 +279,8 @@ def _dump_step(
         pids=pids,
         criu_version=criu_version,
         created=time.time(),
-        leave_running=not stop,
+        leave_running=not opts.stop,
+        compression=opts.codec.spec,
         frozen_time=stats.frozen_time or stats.wall_time,
         stats={
             "freezing_time": stats.freezing_time,
@@ -276,7 +298,7 @@ def _dump_step(
         for path in step_dir.iterdir():
             if path.is_file():
                 path.chmod(0o600)
-        manifest.files = describe_files(step_dir)
+        manifest.files = entries if compressed else describe_files(step_dir)
         manifest.total_time = time.monotonic() - began
         write_signed(step_dir / MANIFEST, manifest.to_dict(), key)
     except OSError as exc:

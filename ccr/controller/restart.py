@@ -16,13 +16,15 @@ from ccr.errors import (
     CcrError,
     IntegrityError,
     JobStateError,
+    MaxWaitExceeded,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
 )
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
-from ccr.storage.imageset import CheckpointSeries
+from ccr.engines.compression import decompress_dir
+from ccr.storage.imageset import CheckpointSeries, discard, scratch_dir
 from ccr.storage.manifest import (
     JOB_MANIFEST,
     MANIFEST,
@@ -126,11 +128,14 @@ def _created(manifest: Path) -> float:
         return 0.0
 
 
-def load_image(rt: Runtime, path: Path) -> StepImage:
-    """Authenticate the manifest and check every file; raise naming what is wrong."""
+def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
+    """Authenticate the manifest and check every file; raise naming what is wrong.
+
+    full=False leaves the hashes of compressed files to the decompression that follows.
+    """
     key = rt.manifest_key(create=False)
     manifest = load_step_manifest(path, key)
-    verify_files(path, manifest)
+    verify_files(path, manifest, hash_packed=full)
     parent = path.parent
     if (parent / JOB_MANIFEST).exists():
         JobManifest.from_dict(read_verified(parent / JOB_MANIFEST, key))
@@ -204,7 +209,26 @@ def restore_into(
     prepare_files(image)
     criu = rt.criu()
     work = rt.work_dir(f"{image.step}-restore")
-    result = criu.restore(image.path, work, timeout=max_wait)
+    began = time.monotonic()
+    deadline = None if max_wait is None else began + max_wait
+    packed = any(f.codec != "none" for f in image.manifest.files)
+    raw_dir = (
+        scratch_dir(image.manifest.image_bytes, image.path.parent, "restore")
+        if packed
+        else image.path
+    )
+    try:
+        if packed:
+            # Decompression checks every file's SHA-256 and zstd checksum before CRIU
+            # sees a byte: a corrupted image restores nothing.
+            decompress_dir(image.path, raw_dir, image.manifest.files)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise MaxWaitExceeded(f"restore of {image.step} did not finish within MaxWait={max_wait:g}s")
+        result = criu.restore(raw_dir, work, timeout=remaining)
+    finally:
+        if packed:
+            discard(raw_dir)
     with rt.registry() as db:
         image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
         db.ensure_job(image.step.job_id, str(image_dir))
@@ -225,7 +249,7 @@ def restore_into(
         started=time.time(),
     )
     supervisor.start_restored(result.pid, record)
-    return RestartResult(image.step, result.pid, os.getpid(), image.path, result.wall_time)
+    return RestartResult(image.step, result.pid, os.getpid(), image.path, time.monotonic() - began)
 
 
 def _in_job(image: StepImage) -> bool:
@@ -241,7 +265,7 @@ def restart(
 ) -> list[RestartResult]:
     """Restore every step that ref names from its newest checkpoint, each under a supervisor."""
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
-    images = [load_image(rt, p) for p in find_images(rt, ref, image_dir)]
+    images = [load_image(rt, p, full=False) for p in find_images(rt, ref, image_dir)]
     for image in images:
         preflight(rt, image, stick_to_nodes)
     settings = _job_settings(rt, ref.job_id, image_dir)

@@ -148,7 +148,7 @@ def _resume_image(rt: Runtime, step: StepId, image_dir: Path, explicit: bool) ->
         if explicit:
             raise
         return None
-    image = rst.load_image(rt, paths[0])
+    image = rst.load_image(rt, paths[0], full=False)
     rst.preflight(rt, image, stick_to_nodes=False)
     print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
     return image

@@ -18,6 +18,7 @@ from ccr import config
 from ccr.controller import checkpoint
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
+from ccr.engines.compression import Codec
 from ccr.errors import EXIT_VACATED, CcrError, error_for_code, exit_code_for
 from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
@@ -34,6 +35,7 @@ class SupervisorSettings:
     preempt_signals: tuple[int, ...] = (signal.SIGTERM,)
     grace: float | None = None  # MaxWait of the preemption checkpoint
     max_wait: float | None = None  # MaxWait of interval checkpoints
+    codec: Codec = field(default_factory=checkpoint.default_codec)
     log: Callable[[str], None] = field(default=lambda msg: print(f"ccr: {msg}", file=sys.stderr))
 
 
@@ -160,7 +162,9 @@ class Supervisor:
                 self.settings.log(f"resumed step {step}: the checkpoint that stopped it was abandoned")
 
     def _interval_checkpoint(self) -> None:
-        opts = checkpoint.CheckpointOptions(max_wait=self.settings.max_wait, keep=self.settings.keep)
+        opts = checkpoint.CheckpointOptions(
+            max_wait=self.settings.max_wait, keep=self.settings.keep, codec=self.settings.codec
+        )
         try:
             result = checkpoint.create(self.rt, JobRef(self.step.job_id, self.step.step_id), opts)
             self.settings.log(
@@ -177,7 +181,7 @@ class Supervisor:
         name = signal.Signals(sig).name
         self.settings.log(f"{name}: checkpointing step {self.step} before it is terminated")
         opts = checkpoint.CheckpointOptions(
-            max_wait=self.settings.grace, stop=True, keep=self.settings.keep
+            max_wait=self.settings.grace, stop=True, keep=self.settings.keep, codec=self.settings.codec
         )
         try:
             result = checkpoint.create(self.rt, JobRef(self.step.job_id, self.step.step_id), opts)

@@ -140,6 +140,17 @@ def tree_pids(root: int) -> list[int]:
         return []
 
 
+def tree_rss(root: int) -> int:
+    """Resident memory of the whole tree, in bytes: what a dump will write, roughly."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 def signal_process(pid: int, sig: int) -> bool:
     """Send sig; False when the process is already gone."""
     try:

@@ -1,0 +1,97 @@
+"""`ccr compress` / `ccr decompress`: re-store a checkpoint with another codec, in place, atomically."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from ccr.controller.restart import load_image
+from ccr.controller.runtime import Runtime
+from ccr.engines.compression import Codec, compress_dir, decompress_dir
+from ccr.errors import StorageError, UsageError
+from ccr.storage.imageset import discard, fsync_dir, fsync_tree, scratch_dir, storage_error
+from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, FileEntry, write_signed
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directory entries in one atomic step (renameat2 RENAME_EXCHANGE)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise storage_error(a, OSError(err, os.strerror(err)), "swapping in")
+
+
+def step_dirs(generation: Path) -> list[Path]:
+    """The step checkpoint directories of a generation (itself, or one per step of a job)."""
+    if (generation / MANIFEST).exists():
+        return [generation]
+    if (generation / JOB_MANIFEST).exists():
+        return sorted(p for p in generation.iterdir() if p.is_dir() and p.name.isdigit())
+    raise UsageError(f"{generation} is not a ccr checkpoint")
+
+
+def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
+    """Re-store every file of checkpoint with codec; a crash half-way leaves it usable.
+
+    The new copy is built beside the old one, verified, then swapped in with one atomic
+    rename, so at every moment the checkpoint's name holds a complete, signed checkpoint.
+    """
+    generation = checkpoint.resolve()
+    if not generation.is_dir():
+        raise UsageError(f"{checkpoint} is not a ccr checkpoint")
+    dirs = step_dirs(generation)
+    key = rt.manifest_key(create=False)
+    if key is None:
+        raise StorageError("no manifest key in this state directory: cannot re-sign")
+    series = generation.name.rsplit(".", 1)[0] if generation.name[-1].isdigit() else generation.name
+    staging = generation.parent / f".{series}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(mode=0o700)
+        for src in dirs:
+            image = load_image(rt, src)
+            dst = staging if src == generation else staging / src.name
+            dst.mkdir(mode=0o700, exist_ok=True)
+            packed = any(f.codec != "none" for f in image.manifest.files)
+            raw = scratch_dir(image.manifest.image_bytes, generation.parent, "convert") if packed else src
+            try:
+                if packed:
+                    decompress_dir(src, raw, image.manifest.files)
+                entries = compress_dir(raw, dst, codec) if packed else _store(src, dst, codec)
+            finally:
+                if packed:
+                    discard(raw)
+            image.manifest.files = entries
+            image.manifest.compression = codec.spec
+            write_signed(dst / MANIFEST, image.manifest.to_dict(), key)
+        if (generation / JOB_MANIFEST).exists():
+            shutil.copy2(generation / JOB_MANIFEST, staging / JOB_MANIFEST)
+        fsync_tree(staging)
+        exchange(staging, generation)
+        fsync_dir(generation.parent)
+    except OSError as exc:
+        discard(staging)
+        raise storage_error(generation, exc, "converting") from None
+    except BaseException:
+        discard(staging)
+        raise
+    discard(staging)  # now the old copy
+    return generation
+
+
+def _store(src: Path, dst: Path, codec: Codec) -> list[FileEntry]:
+    """compress_dir over an uncompressed step dir, leaving its manifest out (hard links)."""
+    scratch = dst.parent / f".{dst.name}.links-{secrets.token_hex(4)}"
+    scratch.mkdir(mode=0o700)
+    try:
+        for path in src.iterdir():
+            if path.is_file() and path.name != MANIFEST:
+                os.link(path, scratch / path.name)
+        return compress_dir(scratch, dst, codec)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
