@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,8 +16,9 @@ except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import convert
-from ccr.controller import jobs, restart as rst, run as runner
+from ccr.controller import convert, jobs
+from ccr.controller import restart as rst
+from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines.compression import Codec, parse_codec
@@ -86,17 +86,52 @@ def _ref(text: str) -> JobRef:
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     command: list[str] = typer.Argument(..., help="The command to run, after `--`."),
-    job_id: Optional[int] = typer.Option(None, "--job-id", min=0, help="Job id (default: SLURM_JOB_ID, else a new one)."),
-    step_id: Optional[int] = typer.Option(None, "--step-id", min=0, help="Step id (default: SLURM_STEP_ID, else the next free one)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", envvar=["SLURM_CHECKPOINT_DIR", "SBATCH_CHECKPOINT_DIR"], help="Where checkpoints go (default: the current directory)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", envvar=["SLURM_CHECKPOINT", "SBATCH_CHECKPOINT"], help="Checkpoint interval in a Slurm time format (10, 0:30, 1:00:00, 2-3:04:05); 0: none."),
-    keep: int = typer.Option(2, "--keep", min=1, help="Complete checkpoint generations to keep per step."),
-    restart_dir: Optional[Path] = typer.Option(None, "--restart-dir", envvar="SLURM_RESTART_DIR", help="Resume from the checkpoint in this directory instead of starting fresh."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, appended to (default: ccr-<jobid>.<stepid>.out)."),
-    signal_name: str = typer.Option("TERM", "--signal", help="Signal that means 'checkpoint, then terminate' (e.g. USR1 for sbatch --signal=B:USR1@120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="MaxWait, in seconds, for the checkpoint taken on that signal."),
-    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="MaxWait for interval checkpoints and resume, in seconds."),
-    detach: bool = typer.Option(False, "--detach", help="Return at once, printing <jobid>.<stepid>; a background supervisor stays."),
+    job_id: Optional[int] = typer.Option(
+        None, "--job-id", min=0, help="Job id (default: SLURM_JOB_ID, else a new one)."
+    ),
+    step_id: Optional[int] = typer.Option(
+        None, "--step-id", min=0, help="Step id (default: SLURM_STEP_ID, else the next free one)."
+    ),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None,
+        "--checkpoint-dir",
+        envvar=["SLURM_CHECKPOINT_DIR", "SBATCH_CHECKPOINT_DIR"],
+        help="Where checkpoints go (default: the current directory).",
+    ),
+    checkpoint: Optional[str] = typer.Option(
+        None,
+        "--checkpoint",
+        envvar=["SLURM_CHECKPOINT", "SBATCH_CHECKPOINT"],
+        help="Checkpoint interval in a Slurm time format (10, 0:30, 1:00:00, 2-3:04:05); 0: none.",
+    ),
+    keep: int = typer.Option(
+        2, "--keep", min=1, help="Complete checkpoint generations to keep per step."
+    ),
+    restart_dir: Optional[Path] = typer.Option(
+        None,
+        "--restart-dir",
+        envvar="SLURM_RESTART_DIR",
+        help="Resume from the checkpoint in this directory instead of starting fresh.",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output file, appended to (default: ccr-<jobid>.<stepid>.out)."
+    ),
+    signal_name: str = typer.Option(
+        "TERM",
+        "--signal",
+        help="Signal meaning 'checkpoint, then terminate' (USR1 for sbatch --signal=B:USR1@120).",
+    ),
+    grace: Optional[float] = typer.Option(
+        None, "--grace", help="MaxWait, in seconds, for the checkpoint taken on that signal."
+    ),
+    max_wait: Optional[float] = typer.Option(
+        None, "--max-wait", help="MaxWait for interval checkpoints and resume, in seconds."
+    ),
+    detach: bool = typer.Option(
+        False,
+        "--detach",
+        help="Return at once, printing <jobid>.<stepid>; a background supervisor stays.",
+    ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
@@ -128,7 +163,10 @@ def run(
             print(message["step"])
         else:
             where = f", output {message['output']}" if "output" in message else ""
-            print(f"ccr: step {message['step']} running (pid {message['pid']}{where})", file=sys.stderr)
+            print(
+                f"ccr: step {message['step']} running (pid {message['pid']}{where})",
+                file=sys.stderr,
+            )
 
     code = runner.run(Runtime.from_env(), req, announce)
     raise typer.Exit(code)
@@ -160,9 +198,17 @@ def _create(
 @app.command()
 def create(
     ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
-    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir (default: the job's checkpoint dir)."),
-    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Abandon the checkpoint after this many seconds."),
-    leave_running: bool = typer.Option(True, "--leave-running/--stop", help="Keep the job running (default) or terminate it after the checkpoint."),
+    image_dir: Optional[Path] = typer.Option(
+        None, "--image-dir", help="ImageDir (default: the job's checkpoint dir)."
+    ),
+    max_wait: Optional[float] = typer.Option(
+        None, "--max-wait", help="Abandon the checkpoint after this many seconds."
+    ),
+    leave_running: bool = typer.Option(
+        True,
+        "--leave-running/--stop",
+        help="Keep the job running (default) or terminate it after the checkpoint.",
+    ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -173,11 +219,14 @@ def create(
     _create(ref, image_dir, max_wait, not leave_running, as_json, compress)
 
 
-def _restart(ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Optional[float], as_json: bool) -> None:
+def _restart(
+    ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Optional[float], as_json: bool
+) -> None:
     ref = _ref(ref_text)
     results = rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
     lines = [
-        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)" for r in results
+        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)"
+        for r in results
     ]
     _emit([r.to_dict() for r in results], as_json, "\n".join(lines))
 
@@ -186,8 +235,14 @@ def _restart(ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Op
 def restart(
     ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir to restore from."),
-    stick_to_nodes: bool = typer.Option(False, "--stick-to-nodes", help="Refuse unless this is the node the checkpoint was taken on."),
-    max_wait: Optional[float] = typer.Option(None, "--max-wait", help="Abandon the restore after this many seconds."),
+    stick_to_nodes: bool = typer.Option(
+        False,
+        "--stick-to-nodes",
+        help="Refuse unless this is the node the checkpoint was taken on.",
+    ),
+    max_wait: Optional[float] = typer.Option(
+        None, "--max-wait", help="Abandon the restore after this many seconds."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
@@ -226,12 +281,16 @@ def status(job_id: str = typer.Argument(..., metavar="JOBID"), as_json: bool = J
             + (f" exit {step['exit_code']}" if step["exit_code"] is not None else "")
         )
     last = data["last_checkpoint"]
-    lines.append(f"  last checkpoint: {last['path']} at {last['time']}" if last else "  no checkpoint yet")
+    lines.append(
+        f"  last checkpoint: {last['path']} at {last['time']}" if last else "  no checkpoint yet"
+    )
     _emit(data, as_json, "\n".join(lines))
 
 
 @app.command()
-def cancel(ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"), as_json: bool = JSON_OPT) -> None:
+def cancel(
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"), as_json: bool = JSON_OPT
+) -> None:
     """Terminate a job's (or one step's) process tree: SIGTERM, then SIGKILL.
 
     Example: ccr cancel 42.1
@@ -242,7 +301,9 @@ def cancel(ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"), as_json: bo
 
 def _convert(ckpt_dir: Path, codec: Codec, as_json: bool) -> None:
     path = convert.convert(Runtime.from_env(), ckpt_dir, codec)
-    _emit({"checkpoint": str(path), "codec": codec.spec}, as_json, f"{path}: stored as {codec.spec}")
+    _emit(
+        {"checkpoint": str(path), "codec": codec.spec}, as_json, f"{path}: stored as {codec.spec}"
+    )
 
 
 @app.command()
@@ -262,7 +323,9 @@ def compress(
 
 
 @app.command()
-def decompress(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool = JSON_OPT) -> None:
+def decompress(
+    ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool = JSON_OPT
+) -> None:
     """Store a checkpoint uncompressed, in place, atomically (e.g. for crit or criu by hand).
 
     Example: ccr decompress /scratch/ckpt/42.0.ckpt
@@ -278,14 +341,22 @@ def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool =
     """
     rt = Runtime.from_env()
     target = ckpt_dir.resolve()
-    dirs = [target] if (target / "manifest.json").exists() else sorted(
-        p for p in target.iterdir() if p.is_dir() and p.name.isdigit()
-    ) if target.is_dir() else []
+    dirs = (
+        [target]
+        if (target / "manifest.json").exists()
+        else sorted(p for p in target.iterdir() if p.is_dir() and p.name.isdigit())
+        if target.is_dir()
+        else []
+    )
     if not dirs:
         raise UsageError(f"{ckpt_dir} is not a ccr checkpoint")
     for d in dirs:
         rst.load_image(rt, d)
-    _emit({"checkpoint": str(target), "ok": True}, as_json, f"{ckpt_dir}: OK ({len(dirs)} step(s) verified)")
+    _emit(
+        {"checkpoint": str(target), "ok": True},
+        as_json,
+        f"{ckpt_dir}: OK ({len(dirs)} step(s) verified)",
+    )
 
 
 def _keywords(args: list[str]) -> tuple[Optional[Path], Optional[float], bool]:
@@ -305,7 +376,9 @@ def _keywords(args: list[str]) -> tuple[Optional[Path], Optional[float], bool]:
         elif low[:5] == "stick" and not value:
             stick = True
         else:
-            raise UsageError(f"unknown checkpoint option {arg!r} (ImageDir=, MaxWait=, StickToNodes)")
+            raise UsageError(
+                f"unknown checkpoint option {arg!r} (ImageDir=, MaxWait=, StickToNodes)"
+            )
     return image_dir, max_wait, stick
 
 
@@ -315,28 +388,36 @@ def checkpoint_group() -> None:
 
 
 @checkpoint_app.command("create")
-def cp_create(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+def cp_create(
+    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+) -> None:
     """Checkpoint and leave running.  Example: ccr checkpoint create 42 ImageDir=/ckpt MaxWait=30"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, False, as_json)
 
 
 @checkpoint_app.command("vacate")
-def cp_vacate(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+def cp_vacate(
+    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+) -> None:
     """Checkpoint, then terminate.  Example: ccr checkpoint vacate 42 MaxWait=60"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
 
 
 @checkpoint_app.command("requeue")
-def cp_requeue(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
-    """Checkpoint, terminate, and leave the job for `ccr restart`.  Example: ccr checkpoint requeue 42"""
+def cp_requeue(
+    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+) -> None:
+    """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
 
 
 @checkpoint_app.command("restart")
-def cp_restart(ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT) -> None:
+def cp_restart(
+    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+) -> None:
     """Restore from the newest checkpoint.  Example: ccr checkpoint restart 42 StickToNodes"""
     image_dir, max_wait, stick = _keywords(options or [])
     _restart(ref, image_dir, stick, max_wait, as_json)
@@ -367,7 +448,9 @@ def cp_disable(ref: str, as_json: bool = JSON_OPT) -> None:
 def cp_enable(ref: str, as_json: bool = JSON_OPT) -> None:
     """Undo one disable.  Example: ccr checkpoint enable 42"""
     count = jobs.set_enabled(Runtime.from_env(), _ref(ref).job_id, enable=True)
-    _emit({"disabled": count}, as_json, "enabled" if count == 0 else f"still disabled (count {count})")
+    _emit(
+        {"disabled": count}, as_json, "enabled" if count == 0 else f"still disabled (count {count})"
+    )
 
 
 app.add_typer(checkpoint_app, name="checkpoint")

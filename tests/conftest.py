@@ -60,7 +60,9 @@ class Ccr:
     env: dict[str, str]
     popens: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 180, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "ccr", *args],
             cwd=kw.pop("cwd", self.work),
@@ -73,7 +75,8 @@ class Ccr:
         )
         if check and proc.returncode != 0:
             raise AssertionError(
-                f"ccr {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+                f"ccr {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
             )
         return proc
 

@@ -254,8 +254,18 @@ def test_restart_with_deleted_output_and_cwd(ccr: Ccr, tmp_path: Path) -> None:
     cwd = tmp_path / "gone"
     cwd.mkdir()
     (cwd / "counter.py").write_text(COUNTER)
-    ccr.run("run", "--detach", "--job-id", "73", "--checkpoint-dir", str(ccr.work), "--",
-            "python3", "counter.py", cwd=cwd)
+    ccr.run(
+        "run",
+        "--detach",
+        "--job-id",
+        "73",
+        "--checkpoint-dir",
+        str(ccr.work),
+        "--",
+        "python3",
+        "counter.py",
+        cwd=cwd,
+    )
     wait_for(lambda: len(numbers(cwd / "ccr-73.0.out")) > 3, 30, "output")
     ccr.run("create", "73.0", "--stop")
     shutil.rmtree(cwd)

@@ -1,4 +1,4 @@
-"""Interval checkpoints, retention, preemption (SIGTERM / --signal) and auto-resume, on real CRIU."""
+"""Interval checkpoints, retention, preemption (SIGTERM, --signal) and auto-resume, real CRIU."""
 
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
+from ccr.engines.compression import Codec, compress_dir, parse_codec
+from ccr.engines.criu import Criu
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
-from ccr.engines.compression import Codec, compress_dir, parse_codec
-from ccr.engines.criu import Criu
 from ccr.storage.imageset import (
     CheckpointSeries,
     discard,
@@ -97,7 +97,9 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
         with rt.job_lock(ref.job_id, opts.max_wait):
             with rt.registry() as db:
                 db.update_job(ref.job_id, ckpt_began=time.time())
-                stale = [s for s in db.steps(ref.job_id) if s.state == reg.VACATING and _alive_tree(s)]
+                stale = [
+                    s for s in db.steps(ref.job_id) if s.state == reg.VACATING and _alive_tree(s)
+                ]
             _resume(rt, stale)
             try:
                 result = _create_locked(rt, ref, steps, image_dir, keep, opts, deadline, started)
@@ -161,9 +163,7 @@ def _create_locked(
                     if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
                         raise JobStateError(f"step {step.id} stopped running")
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            manifest = _dump_step(
-                rt, criu, criu_version, step, step_dir, opts, remaining, key
-            )
+            manifest = _dump_step(rt, criu, criu_version, step, step_dir, opts, remaining, key)
             if opts.stop:
                 stopped.append(step)
             manifests.append(manifest)
@@ -235,7 +235,11 @@ def _dump_step(
     compressed = opts.codec.name != "none"
     # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
-    raw_dir = scratch_dir(process.tree_rss(step.init_pid), step_dir.parent, "dump") if compressed else step_dir
+    raw_dir = (
+        scratch_dir(process.tree_rss(step.init_pid), step_dir.parent, "dump")
+        if compressed
+        else step_dir
+    )
     try:
         stats = criu.dump(
             step.init_pid,
@@ -312,7 +316,10 @@ def _resume(rt: Runtime, steps: list[reg.StepRecord]) -> None:
         if step.init_pid is not None:
             stuck = process.resume_tree(step.init_pid)
             if stuck:
-                print(f"ccr: warning: tasks {stuck} of step {step.id} are still stopped", file=sys.stderr)
+                print(
+                    f"ccr: warning: tasks {stuck} of step {step.id} are still stopped",
+                    file=sys.stderr,
+                )
     with rt.registry() as db:
         for step in steps:
             db.compare_and_set_state(step.id, (reg.VACATING,), reg.RUNNING)

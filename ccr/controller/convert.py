@@ -1,4 +1,4 @@
-"""`ccr compress` / `ccr decompress`: re-store a checkpoint with another codec, in place, atomically."""
+"""`ccr compress` / `ccr decompress`: re-store a checkpoint with another codec, atomically."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
             dst = staging if src == generation else staging / src.name
             dst.mkdir(mode=0o700, exist_ok=True)
             packed = any(f.codec != "none" for f in image.manifest.files)
-            raw = scratch_dir(image.manifest.image_bytes, generation.parent, "convert") if packed else src
+            raw = (
+                scratch_dir(image.manifest.image_bytes, generation.parent, "convert")
+                if packed
+                else src
+            )
             try:
                 if packed:
                     decompress_dir(src, raw, image.manifest.files)

@@ -12,7 +12,7 @@ from ccr.errors import JobStateError, NotFoundError
 from ccr.ids import JobRef, checkpoint_name
 from ccr.storage import registry as reg
 from ccr.storage.imageset import CheckpointSeries
-from ccr.storage.manifest import MANIFEST, read_json
+from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, read_json
 
 
 def live_state(step: reg.StepRecord) -> str:
@@ -52,14 +52,21 @@ def step_status(step: reg.StepRecord) -> dict[str, Any]:
 def generations(image_dir: Path, name: str) -> list[dict[str, Any]]:
     out = []
     for gen in CheckpointSeries(image_dir, name).generations():
-        manifest = gen.path / MANIFEST
+        manifest = gen.path / (JOB_MANIFEST if gen.is_job else MANIFEST)
         created = None
         try:
             created = float(read_json(manifest).get("created", 0.0)) if manifest.exists() else None
         except Exception:  # noqa: BLE001 - a broken manifest still shows as a generation
             created = None
         size = sum(p.stat().st_size for p in gen.path.rglob("*") if p.is_file())
-        out.append({"path": str(gen.path), "generation": gen.number, "created": _iso(created), "bytes": size})
+        out.append(
+            {
+                "path": str(gen.path),
+                "generation": gen.number,
+                "created": _iso(created),
+                "bytes": size,
+            }
+        )
     return out
 
 

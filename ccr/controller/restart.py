@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -12,8 +13,8 @@ from typing import Any
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
+from ccr.engines.compression import decompress_dir
 from ccr.errors import (
-    CcrError,
     IntegrityError,
     JobStateError,
     MaxWaitExceeded,
@@ -23,7 +24,6 @@ from ccr.errors import (
 )
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
-from ccr.engines.compression import decompress_dir
 from ccr.storage.imageset import CheckpointSeries, discard, scratch_dir
 from ccr.storage.manifest import (
     JOB_MANIFEST,
@@ -224,7 +224,9 @@ def restore_into(
             decompress_dir(image.path, raw_dir, image.manifest.files)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise MaxWaitExceeded(f"restore of {image.step} did not finish within MaxWait={max_wait:g}s")
+            raise MaxWaitExceeded(
+                f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
+            )
         result = criu.restore(raw_dir, work, timeout=remaining)
     finally:
         if packed:
@@ -272,7 +274,8 @@ def restart(
     results = []
     for image in images:
         message = sup.spawn_background(
-            str(image.step), lambda report, image=image: _restore_and_supervise(rt, image, settings, max_wait, report)
+            str(image.step),
+            functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
         )
         results.append(
             RestartResult(
@@ -305,4 +308,3 @@ def _restore_and_supervise(
     result = restore_into(rt, supervisor, image, max_wait)
     report({"ok": True, **result.to_dict()})
     return supervisor.wait()
-

@@ -102,7 +102,9 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     step = _resolve_step(rt, req)
     ckpt_dir = _check_dir(req.checkpoint_dir or cwd, "checkpoint directory")
     output = (req.output or cwd / output_name(step)).resolve()
-    resume = _resume_image(rt, step, req.restart_dir or ckpt_dir, explicit=req.restart_dir is not None)
+    resume = _resume_image(
+        rt, step, req.restart_dir or ckpt_dir, explicit=req.restart_dir is not None
+    )
     if resume is None:
         _command_exists(req.argv, env, cwd)
     with rt.registry() as db:
@@ -140,7 +142,9 @@ def _alive(step: reg.StepRecord) -> bool:
     return process.ProcessIdentity(step.init_pid, step.init_start).alive()
 
 
-def _resume_image(rt: Runtime, step: StepId, image_dir: Path, explicit: bool) -> rst.StepImage | None:
+def _resume_image(
+    rt: Runtime, step: StepId, image_dir: Path, explicit: bool
+) -> rst.StepImage | None:
     """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
     try:
         paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)

@@ -1,4 +1,4 @@
-"""A step's supervisor: starts or restores the tree, waits for it, checkpoints on a timer or signal."""
+"""A step's supervisor: starts or restores its tree, waits, checkpoints on a timer or signal."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class Supervisor:
         assert self.init is not None
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        handled = {signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGTERM}
+        handled: set[int] = {signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGTERM}
         handled.update(self.settings.preempt_signals)
         old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         try:
@@ -159,7 +159,9 @@ class Supervisor:
             state = db.step(self.step).state
         if state == reg.VACATING:
             for step in checkpoint.recover_interrupted(self.rt, self.step.job_id):
-                self.settings.log(f"resumed step {step}: the checkpoint that stopped it was abandoned")
+                self.settings.log(
+                    f"resumed step {step}: the checkpoint that stopped it was abandoned"
+                )
 
     def _interval_checkpoint(self) -> None:
         opts = checkpoint.CheckpointOptions(
@@ -181,7 +183,10 @@ class Supervisor:
         name = signal.Signals(sig).name
         self.settings.log(f"{name}: checkpointing step {self.step} before it is terminated")
         opts = checkpoint.CheckpointOptions(
-            max_wait=self.settings.grace, stop=True, keep=self.settings.keep, codec=self.settings.codec
+            max_wait=self.settings.grace,
+            stop=True,
+            keep=self.settings.keep,
+            codec=self.settings.codec,
         )
         try:
             result = checkpoint.create(self.rt, JobRef(self.step.job_id, self.step.step_id), opts)
@@ -194,7 +199,9 @@ class Supervisor:
 
     def _has_checkpoint(self) -> bool:
         with self.rt.registry() as db:
-            return any(c.step_id in (None, self.step.step_id) for c in db.checkpoints(self.step.job_id))
+            return any(
+                c.step_id in (None, self.step.step_id) for c in db.checkpoints(self.step.job_id)
+            )
 
     def _finished(self, code: int, preempted: bool | None) -> int:
         with self.rt.registry() as db:
@@ -205,7 +212,9 @@ class Supervisor:
                 state = reg.CANCELLED
             else:
                 state = reg.COMPLETED if code == 0 else reg.FAILED
-            db.update_step(self.step, state=state, exit_code=code, ended=time.time(), next_checkpoint=None)
+            db.update_step(
+                self.step, state=state, exit_code=code, ended=time.time(), next_checkpoint=None
+            )
         if state == reg.VACATED:
             return EXIT_VACATED
         return code
@@ -228,7 +237,7 @@ def spawn_background(name: str, target: Callable[[Report], int]) -> dict[str, An
                 os._exit(0)
             _detach_stdio(log_path, write_fd)
             os._exit(_run_reporting(target, write_fd))
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(70)
     os.close(write_fd)
     data = b""

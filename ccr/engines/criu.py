@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ccr.engines import process
 from ccr.errors import CcrError, CriuError, MaxWaitExceeded
@@ -155,13 +156,13 @@ class Criu:
 
     def _call(
         self,
-        req: object,
+        req: Any,
         images_dir: Path,
         work_dir: Path,
         timeout: float | None,
         hook: NotifyHook | None,
         what: str,
-    ) -> object:
+    ) -> Any:
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = work_dir / f"{what}.log"
         try:
@@ -241,7 +242,7 @@ class Criu:
         what: str,
         log_file: Path,
         timeout: float | None,
-    ) -> object:
+    ) -> Any:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

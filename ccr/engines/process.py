@@ -100,7 +100,9 @@ def _intermediate(
     try:
         if _libc.unshare(CLONE_NEWPID) != 0:
             err = ctypes.get_errno()
-            os.write(w, struct.pack("q", -1) + f"unshare(CLONE_NEWPID): {os.strerror(err)}".encode())
+            os.write(
+                w, struct.pack("q", -1) + f"unshare(CLONE_NEWPID): {os.strerror(err)}".encode()
+            )
             os._exit(1)
         pid = os.fork()
         if pid == 0:

@@ -220,7 +220,9 @@ class Registry:
         cols = ", ".join(data)
         marks = ", ".join("?" for _ in data)
         with self.transaction() as db:
-            db.execute(f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})", tuple(data.values()))
+            db.execute(
+                f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})", tuple(data.values())
+            )
 
     def update_step(self, step: StepId, **values: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in values)
@@ -234,7 +236,8 @@ class Registry:
         marks = ", ".join("?" for _ in expected)
         with self.transaction() as db:
             cur = db.execute(
-                f"UPDATE steps SET state = ? WHERE job_id = ? AND step_id = ? AND state IN ({marks})",
+                "UPDATE steps SET state = ? WHERE job_id = ? AND step_id = ? "
+                f"AND state IN ({marks})",
                 (new, step.job_id, step.step_id, *expected),
             )
             return cur.rowcount == 1
