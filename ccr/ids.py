@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ccr.errors import UsageError
 
+# Slurm's job and step ids are 32-bit unsigned.
+MAX_ID = 2**32 - 1
 _REF = re.compile(r"^([0-9]{1,10})(?:\.([0-9]{1,10}))?$")
 
 
@@ -42,7 +44,11 @@ def parse_job_ref(text: str) -> JobRef:
     if not match:
         raise UsageError(f"malformed job id {text!r}: expected <jobid> or <jobid>.<stepid>")
     step = match.group(2)
-    return JobRef(int(match.group(1)), None if step is None else int(step))
+    job_id = int(match.group(1))
+    step_id = None if step is None else int(step)
+    if job_id > MAX_ID or (step_id is not None and step_id > MAX_ID):
+        raise UsageError(f"job id {text!r} is out of range (Slurm ids are at most {MAX_ID})")
+    return JobRef(job_id, step_id)
 
 
 def parse_step_id(text: str) -> StepId:

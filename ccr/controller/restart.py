@@ -234,8 +234,6 @@ def restore_into(
     with rt.registry() as db:
         image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
         db.ensure_job(image.step.job_id, str(image_dir))
-        job = db.job(image.step.job_id)
-        db.update_job(image.step.job_id, restart_count=job.restart_count + 1)
         existing = db.find_step(image.step)
     m = image.manifest
     record = existing or reg.StepRecord(
@@ -271,6 +269,8 @@ def restart(
     for image in images:
         preflight(rt, image, stick_to_nodes)
     settings = _job_settings(rt, ref.job_id, image_dir)
+    with rt.registry() as db:
+        db.bump_restart_count(ref.job_id)
     results = []
     for image in images:
         message = sup.spawn_background(

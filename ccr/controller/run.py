@@ -123,6 +123,8 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         supervisor = sup.Supervisor(rt, step, req.settings)
         if resume is not None:
             result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
+            with rt.registry() as db:
+                db.bump_restart_count(step.job_id)
             report({"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)})
         else:
             pid = supervisor.start_fresh(req.argv, cwd, env, output)

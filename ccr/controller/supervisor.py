@@ -144,7 +144,7 @@ class Supervisor:
                 self._interval_checkpoint()
                 due = time.time() + interval
                 with self.rt.registry() as db:
-                    db.update_step(self.step, next_checkpoint=due)
+                    db.update_step_if_owner(self.step, self.init.pid, next_checkpoint=due)
             timeout = 1.0 if due is None else max(0.0, min(1.0, due - time.time()))
             select.select([wake_r], [], [], timeout)
             try:
@@ -204,8 +204,13 @@ class Supervisor:
             )
 
     def _finished(self, code: int, preempted: bool | None) -> int:
+        assert self.init is not None
         with self.rt.registry() as db:
             record = db.step(self.step)
+            if (record.init_pid, record.init_start) != (self.init.pid, self.init.start_time):
+                # The step was restored meanwhile under another supervisor: its record is
+                # no longer ours to close.
+                return EXIT_VACATED if record.state == reg.RUNNING else code
             if record.state in (reg.VACATING, reg.VACATED) or preempted:
                 state = reg.VACATED
             elif record.state == reg.CANCELLED:

@@ -53,7 +53,7 @@ class Codec:
 
 
 def parse_codec(text: str) -> Codec:
-    """ "none", "zstd" (DEFAULT_LEVEL) or "zstd:LEVEL"; raise UsageError for anything else."""
+    """Read "none", "zstd" (DEFAULT_LEVEL) or "zstd:LEVEL"; anything else is a UsageError."""
     spec = text.strip().lower()
     if spec == "none":
         return Codec("none", 0)

@@ -232,6 +232,21 @@ class Registry:
                 (*values.values(), step.job_id, step.step_id),
             )
 
+    def update_step_if_owner(self, step: StepId, init_pid: int, **values: Any) -> None:
+        """update_step, only while the step still runs the tree rooted at init_pid."""
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE steps SET {cols} WHERE job_id = ? AND step_id = ? AND init_pid = ?",
+                (*values.values(), step.job_id, step.step_id, init_pid),
+            )
+
+    def bump_restart_count(self, job_id: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET restart_count = restart_count + 1 WHERE job_id = ?", (job_id,)
+            )
+
     def compare_and_set_state(self, step: StepId, expected: tuple[str, ...], new: str) -> bool:
         marks = ", ".join("?" for _ in expected)
         with self.transaction() as db:

@@ -1,0 +1,219 @@
+"""`ccr show` and `ccr restart --check`: what a checkpoint holds, and what would block a restart."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ccr.controller import restart as rst
+from ccr.controller.runtime import Runtime
+from ccr.errors import CcrError, NotFoundError, UsageError
+from ccr.ids import JobRef, parse_job_ref
+from ccr.storage.imageset import FAST_SCRATCH
+from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, StepManifest, read_json
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve(rt: Runtime, target: str, image_dir: Path | None = None) -> list[Path]:
+    """Step checkpoint directories named by a path (link, generation, step dir) or an id."""
+    path = Path(target)
+    if path.exists():
+        gen = path.resolve()
+        if (gen / MANIFEST).exists():
+            return [gen]
+        if (gen / JOB_MANIFEST).exists():
+            return sorted(p for p in gen.iterdir() if p.is_dir() and p.name.isdigit())
+        raise UsageError(f"{target} is not a ccr checkpoint")
+    try:
+        ref = parse_job_ref(target)
+    except UsageError:
+        raise NotFoundError(f"no checkpoint or job {target!r}") from None
+    return rst.find_images(rt, ref, image_dir or rst.default_image_dir(rt, ref.job_id))
+
+
+def _load_image_file(step_dir: Path, name: str) -> dict[str, Any] | None:
+    """Decode one CRIU image with pycriu, from the plain or the .zst file."""
+    from pycriu import images
+
+    plain = step_dir / name
+    packed = step_dir / f"{name}.zst"
+    try:
+        if plain.exists():
+            with plain.open("rb") as fh:
+                return dict(images.load(fh))
+        if packed.exists():
+            import zstandard
+
+            with packed.open("rb") as fh:
+                data = zstandard.ZstdDecompressor().stream_reader(fh).read()
+            return dict(images.load(io.BytesIO(data)))
+    except Exception:  # noqa: BLE001 - an undecodable image is shown as unknown, not fatal
+        return None
+    return None
+
+
+def process_tree(step_dir: Path) -> list[dict[str, Any]]:
+    """Each process of a dumped tree: pid (in its namespace), parent, command, threads, RSS."""
+    pstree = _load_image_file(step_dir, "pstree.img")
+    if pstree is None:
+        return []
+    procs = []
+    for entry in pstree["entries"]:
+        pid = int(entry["pid"])
+        core = _load_image_file(step_dir, f"core-{pid}.img")
+        comm = core["entries"][0]["tc"]["comm"] if core else "?"
+        pagemap = _load_image_file(step_dir, f"pagemap-{pid}.img")
+        pages = sum(int(e.get("nr_pages", 0)) for e in pagemap["entries"][1:]) if pagemap else 0
+        procs.append(
+            {
+                "pid": pid,
+                "ppid": int(entry["ppid"]),
+                "command": comm,
+                "threads": len(entry.get("threads", [])),
+                "rss_bytes": pages * PAGE_SIZE,
+                "pages": pages,
+            }
+        )
+    return procs
+
+
+def show(rt: Runtime, target: str, image_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Everything about each step checkpoint that target names."""
+    key = rt.manifest_key(create=False)
+    out = []
+    for step_dir in resolve(rt, target, image_dir):
+        data = read_json(step_dir / MANIFEST)
+        try:
+            rst.load_step_manifest(step_dir, key)
+            authenticated = True
+        except CcrError:
+            authenticated = False
+        manifest = StepManifest.from_dict({k: v for k, v in data.items() if k != "hmac"})
+        raw, stored = manifest.image_bytes, manifest.stored_bytes
+        generation = (
+            step_dir
+            if (step_dir / MANIFEST).exists() and not (step_dir.parent / JOB_MANIFEST).exists()
+            else step_dir.parent
+        )
+        out.append(
+            {
+                "checkpoint": str(step_dir),
+                "step": f"{manifest.job_id}.{manifest.step_id}",
+                "generation": generation.name.rsplit(".", 1)[-1],
+                "authenticated": authenticated,
+                "command": manifest.argv,
+                "cwd": manifest.cwd,
+                "output": manifest.output,
+                "node": manifest.hostname,
+                "uid": manifest.uid,
+                "created": manifest.created,
+                "criu_version": manifest.criu_version,
+                "compression": manifest.compression,
+                "image_bytes": raw,
+                "stored_bytes": stored,
+                "ratio": round(raw / stored, 3) if stored else None,
+                "frozen_time": manifest.frozen_time,
+                "total_time": manifest.total_time,
+                "stats": manifest.stats,
+                "restart_count": manifest.restart_count,
+                "gpu": manifest.gpu or None,
+                "processes": process_tree(step_dir),
+            }
+        )
+    return out
+
+
+@dataclass
+class Check:
+    """One pre-flight check of a restart."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def _ok(fn: Any, *args: Any) -> str:
+    fn(*args)
+    return "ok"
+
+
+def _check(name: str, fn: Any) -> Check:
+    try:
+        detail = fn()
+        return Check(name, True, detail or "ok")
+    except CcrError as exc:
+        return Check(name, False, str(exc))
+
+
+def restart_check(
+    rt: Runtime, ref: JobRef, image_dir: Path | None, stick_to_nodes: bool
+) -> list[Check]:
+    """What would block `ccr restart` of ref, changing nothing."""
+    image_dir = image_dir or rst.default_image_dir(rt, ref.job_id)
+    checks: list[Check] = []
+    try:
+        paths = rst.find_images(rt, ref, image_dir)
+    except CcrError as exc:
+        return [Check("checkpoint found", False, str(exc))]
+    for path in paths:
+        found: list[rst.StepImage] = []
+
+        def load(path: Path = path, found: list[rst.StepImage] = found) -> str:
+            found.append(rst.load_image(rt, path))
+            return f"{path}: manifest authenticated, every file verified"
+
+        checks.append(_check("integrity", load))
+        if not found:
+            continue
+        image = found[0]
+        m = image.manifest
+        checks.append(
+            _check("CRIU version", lambda image=image: _ok(rst.check_criu_version, rt, image))
+        )
+
+        def node(m: StepManifest = m) -> str:
+            here = socket.gethostname()
+            if stick_to_nodes and m.hostname != here:
+                raise CcrError(f"StickToNodes: taken on {m.hostname}, this node is {here}")
+            return f"taken on {m.hostname}, this node is {here}"
+
+        checks.append(_check("node", node))
+        checks.append(
+            _check(
+                "not running, cwd present, allowed",
+                lambda image=image: _ok(rst.preflight, rt, image, stick_to_nodes),
+            )
+        )
+        checks.append(Check("PIDs free", True, "each step restores into its own PID namespace"))
+        need_mem = m.image_bytes
+        avail = psutil.virtual_memory().available
+        checks.append(
+            Check(
+                "memory",
+                avail > need_mem,
+                f"{need_mem / 2**20:.0f} MiB needed, {avail / 2**20:.0f} MiB available",
+            )
+        )
+        if any(f.codec != "none" for f in m.files):
+            scratch = FAST_SCRATCH if FAST_SCRATCH.is_dir() else image.path.parent
+            free = shutil.disk_usage(scratch).free
+            checks.append(
+                Check(
+                    "scratch space for decompression",
+                    free > need_mem or shutil.disk_usage(image.path.parent).free > need_mem,
+                    f"{need_mem / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free in {scratch}",
+                )
+            )
+        checks.append(Check("GPU", not m.gpu, "no GPU state" if not m.gpu else "needs a GPU"))
+    return checks

@@ -1,0 +1,668 @@
+#!/usr/bin/env python3
+"""Benchmark checkpoint image compression against raw CRIU, side by side, as markdown tables.
+
+For each payload size and memory kind one target process is started (PID namespace init,
+own session, stdin /dev/null) and cycled through dump -> store -> restore once per variant
+and repetition, the variant order rotating between repetitions:
+
+  criu     `criu dump` straight into the storage directory, fsync'd; `criu restore` from it
+           (the floor);
+  none     dump into scratch (tmpfs), ccr's compress_dir with codec none into storage;
+           restart: decompress_dir back into scratch, then `criu restore`;
+  zstd-L   the same with compress_dir's zstd at level L (ccr.engines.compression);
+  gzip-6   the same with python's gzip at level 6 (DMTCP's codec), one stream per file;
+  lz4      the same with python's lz4 frame format (default level, content checksum).
+
+Columns: frozen time (CRIU's frozen_time: the application's downtime), checkpoint total
+(dump plus store, durable), restart total (unpack plus `criu restore`), stored size and
+compression ratio, each time and size also as a multiple of raw CRIU's.  Every cell is the
+median over --reps.  The page cache of the stored files is dropped before each restart, so
+restarts read storage cold.  A second table compares python-zstandard (compress_file /
+decompress_file) with the `zstd -T0 -L` CLI on the same pages image.  At the end of each
+series the target recomputes the CRC32 of its memory, which must match its first one.
+
+Needs root, CRIU, numpy (the targets fill memory with it), lz4 and the zstd CLI.  It kills
+every process it started, by PID, on the way out.  Run from the repository root:
+    .venv/bin/python scripts/bench.py [--quick] [--sizes 256M,1G] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gzip
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lz4.frame
+import psutil
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ccr.engines.compression import (  # noqa: E402 - after the sys.path fix-up above
+    DEFAULT_LEVEL,
+    SMALL_FILE,
+    Codec,
+    compress_dir,
+    compress_file,
+    decompress_dir,
+    decompress_file,
+)
+from ccr.engines.criu import read_dump_stats  # noqa: E402
+from ccr.storage.manifest import FileEntry  # noqa: E402
+
+MiB = 1 << 20
+CHUNK = MiB
+PR_SET_CHILD_SUBREAPER = 36
+
+# The target: fills `size` bytes in 16 MiB arrays, prints its CRC32, then sleeps; SIGUSR1
+# makes it print the CRC again (after dump/restore cycles it must not have changed).
+TARGET = r"""
+import os, signal, sys, zlib
+import numpy as np
+
+size, kind = int(sys.argv[1]), sys.argv[2]
+# Our own output file, which only we write: CRIU refuses to restore a file whose size changed.
+out = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.dup2(out, 1)
+os.dup2(out, 2)
+os.close(out)
+rng = np.random.Generator(np.random.SFC64(20261123))
+chunk = 16 << 20
+arrays = []
+for i, start in enumerate(range(0, size, chunk)):
+    n = min(chunk, size - start)
+    if kind == "random":
+        a = rng.integers(0, 255, n, dtype=np.uint8, endpoint=True)
+    elif i % 3 == 0:  # fp32 weights, N(0, 0.02)
+        a = rng.standard_normal(n // 4, dtype=np.float32) * np.float32(0.02)
+    elif i % 3 == 1:  # fp32 gradients, 90% exact zeros
+        a = np.zeros(n // 4, dtype=np.float32)
+        hot = rng.random(a.size, dtype=np.float32) < 0.1
+        a[hot] = rng.standard_normal(int(hot.sum()), dtype=np.float32) * np.float32(1e-3)
+    else:  # int64 token ids, log-uniform over a GPT-2-sized vocabulary (Zipf-like)
+        u = rng.random(n // 8)
+        a = (np.exp(u * np.log(50257.0)) - 1.0).astype(np.int64)
+    arrays.append(a)
+
+def crc():
+    value = 0
+    for a in arrays:
+        value = zlib.crc32(memoryview(a).cast("B"), value)
+    return value
+
+signal.signal(signal.SIGUSR1, lambda *_: print("crc", crc(), flush=True))
+print("ready", crc(), flush=True)
+while True:
+    signal.pause()
+"""
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def size_label(size: int) -> str:
+    return f"{size >> 30}G" if size % (1 << 30) == 0 else f"{size >> 20}M"
+
+
+def files_of(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file())
+
+
+def dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(directory))
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in files_of(directory):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def evict(directory: Path) -> None:
+    # drop_caches may be read-only here (perf-baselines.md §0.8); fadvise works per file.
+    for path in files_of(directory):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    return path
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --- codecs for the comparison (ccr's own compress_dir covers none and zstd) ---------------
+
+
+class HashingSink:
+    """A write-only file object: writes to fd, hashing (as compress_dir does) on the way."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def stream_pack(src_dir: Path, dst_dir: Path, suffix: str, pack: Callable) -> list[FileEntry]:
+    """compress_dir's policy (small files raw, fsync everything) with another codec."""
+    entries = []
+    for path in files_of(src_dir):
+        raw = path.stat().st_size
+        small = raw < SMALL_FILE
+        name = path.name if small else path.name + suffix
+        fd = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            sink = HashingSink(fd)
+            with path.open("rb", buffering=0) as src:
+                if small:
+                    shutil.copyfileobj(src, sink, CHUNK)
+                else:
+                    pack(src, sink)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        codec = "none" if small else suffix
+        entries.append(FileEntry(name, sink.size, sink.digest.hexdigest(), raw, codec))
+    fsync_tree(dst_dir)
+    return entries
+
+
+def stream_unpack(src_dir: Path, dst_dir: Path, entries: list[FileEntry], opener: Callable) -> None:
+    for entry in entries:
+        small = entry.codec == "none"
+        target = entry.name if small else entry.name.rsplit(".", 1)[0]
+        fd = os.open(dst_dir / target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with (
+                (src_dir / entry.name).open("rb") as raw,
+                os.fdopen(fd, "wb", closefd=False) as out,
+            ):
+                src = raw if small else opener(raw)
+                shutil.copyfileobj(src, out, CHUNK)
+        finally:
+            os.close(fd)
+
+
+def gzip_pack(src, sink) -> None:  # noqa: ANN001 - file objects
+    with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz:
+        shutil.copyfileobj(src, gz, CHUNK)
+
+
+def lz4_pack(src, sink) -> None:  # noqa: ANN001
+    comp = lz4.frame.LZ4FrameCompressor(content_checksum=True)
+    sink.write(comp.begin())
+    while data := src.read(CHUNK):
+        sink.write(comp.compress(data))
+    sink.write(comp.flush())
+
+
+def store(variant: str, stage: Path, storage: Path) -> list[FileEntry]:
+    if variant == "none":
+        return compress_dir(stage, storage, Codec("none", 0))
+    if variant.startswith("zstd-"):
+        return compress_dir(stage, storage, Codec("zstd", int(variant[5:])))
+    if variant == "gzip-6":
+        return stream_pack(stage, storage, ".gz", gzip_pack)
+    if variant == "lz4":
+        return stream_pack(stage, storage, ".lz4", lz4_pack)
+    raise ValueError(variant)
+
+
+def unstore(variant: str, storage: Path, stage: Path, entries: list[FileEntry]) -> None:
+    if variant == "none" or variant.startswith("zstd-"):
+        decompress_dir(storage, stage, entries)
+    elif variant == "gzip-6":
+        stream_unpack(storage, stage, entries, lambda f: gzip.GzipFile(fileobj=f, mode="rb"))
+    elif variant == "lz4":
+        stream_unpack(storage, stage, entries, lambda f: lz4.frame.LZ4FrameFile(f, mode="rb"))
+    else:
+        raise ValueError(variant)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    criu: str
+    scratch: Path
+    storage: Path
+    # Every process this run started (or CRIU restored for it), so finally can kill them.
+    started: list[psutil.Process] = field(default_factory=list)
+
+    def run_criu(self, args: list[str], log_name: str) -> float:
+        work = self.scratch / "work"
+        work.mkdir(exist_ok=True)
+        began = time.monotonic()
+        proc = subprocess.run(
+            [self.criu, *args, "-W", str(work), "-o", log_name],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        took = time.monotonic() - began
+        if proc.returncode != 0:
+            tail = (work / log_name).read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"criu {args[0]} failed ({proc.returncode}):\n" + "\n".join(tail))
+        return took
+
+    def start_target(self, size: int, kind: str) -> tuple[psutil.Process, Path]:
+        script = self.scratch / "target.py"
+        script.write_text(TARGET)
+        output = self.scratch / f"target-{size_label(size)}-{kind}.out"
+        output.write_text("")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MiB), OMP_NUM_THREADS="1")
+        with (self.scratch / "launcher.log").open("a") as out:
+            # A PID namespace of its own, so CRIU dumps and restores it whole with fresh PIDs.
+            # No --kill-child: CRIU would restore its parent-death signal, which fires as soon
+            # as CRIU exits.
+            launcher = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "setsid"]
+                + [sys.executable, str(script), str(size), kind, str(output)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.scratch,
+                env=env,
+                start_new_session=True,
+            )
+        self.started.append(psutil.Process(launcher.pid))
+        deadline = time.monotonic() + 600
+        while not output.read_text().startswith("ready"):
+            if launcher.poll() is not None:
+                raise RuntimeError(f"target exited early: {output.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("target did not fill its memory in 600 s")
+            time.sleep(0.05)
+        (init,) = psutil.Process(launcher.pid).children()
+        self.started.append(init)
+        return init, output
+
+    def dump(self, target: psutil.Process, images: Path) -> tuple[float, float]:
+        """Dump (and kill) target into images: (wall seconds, CRIU's frozen_time)."""
+        stats = self.scratch / "work" / "stats-dump"
+        stats.unlink(missing_ok=True)
+        wall = self.run_criu(["dump", "-t", str(target.pid), "-D", str(images)], "dump.log")
+        reap(target)
+        # stats-dump lands in the work directory (-W), so it is no part of the image.
+        frozen = read_dump_stats(stats).frozen_time or wall
+        return wall, frozen
+
+    def restore(self, images: Path) -> tuple[float, psutil.Process]:
+        pidfile = self.scratch / "work" / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+        wall = self.run_criu(
+            ["restore", "-D", str(images), "-d", "--pidfile", str(pidfile)], "restore.log"
+        )
+        root = psutil.Process(int(pidfile.read_text()))
+        self.started.append(root)
+        return wall, root
+
+    def kill_all(self) -> None:
+        for proc in reversed(self.started):
+            try:
+                proc.kill()  # psutil refuses if the PID now belongs to another process
+            except psutil.NoSuchProcess:
+                pass
+            reap(proc)
+        self.started.clear()
+
+
+def reap(proc: psutil.Process) -> None:
+    """Wait for a dead (or dying) process and collect it if it is our child."""
+    try:
+        proc.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        log(f"process {proc.pid} did not exit")
+    except psutil.NoSuchProcess:
+        pass
+
+
+def target_crc(target: psutil.Process, output: Path) -> int:
+    before = output.read_text().count("\n")
+    target.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 120
+    while True:
+        lines = output.read_text().splitlines()
+        if len(lines) > before and lines[-1].startswith("crc "):
+            return int(lines[-1].split()[1])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"target {target.pid} did not answer SIGUSR1")
+        time.sleep(0.05)
+
+
+# --- the measurements ----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    frozen: float
+    ckpt: float
+    restart: float
+    image: int
+    stored: int
+
+
+def cycle(
+    bench: Bench, variant: str, target: psutil.Process, tag: str
+) -> tuple[Sample, psutil.Process]:
+    """One checkpoint and one restart of target with variant; returns the restored root."""
+    stage = bench.scratch / f"stage-{tag}"
+    storage = bench.storage / f"{tag}-{variant}"
+    fresh_dir(storage)
+    if variant == "criu":
+        began = time.monotonic()
+        _, frozen = bench.dump(target, storage)
+        fsync_tree(storage)
+        ckpt = time.monotonic() - began
+        image = stored = dir_bytes(storage)
+        evict(storage)
+        restart, root = bench.restore(storage)
+    else:
+        fresh_dir(stage)
+        began = time.monotonic()
+        _, frozen = bench.dump(target, stage)
+        image = dir_bytes(stage)
+        entries = store(variant, stage, storage)
+        ckpt = time.monotonic() - began
+        shutil.rmtree(stage)
+        stored = sum(e.size for e in entries)
+        evict(storage)
+        fresh_dir(stage)
+        began = time.monotonic()
+        unstore(variant, storage, stage, entries)
+        _, root = bench.restore(stage)
+        restart = time.monotonic() - began
+        shutil.rmtree(stage)
+    shutil.rmtree(storage)
+    return Sample(frozen, ckpt, restart, image, stored), root
+
+
+@dataclass
+class CliSample:
+    py_comp: float
+    cli_comp: float
+    py_decomp: float
+    cli_decomp: float
+    ratio: float
+
+
+def cli_compare(bench: Bench, pages: Path, level: int, reps: int) -> CliSample:
+    """python-zstandard vs `zstd -T0 -L` on one pages image: raw MB/s both ways, ratio."""
+    raw = pages.stat().st_size
+    out_dir = fresh_dir(bench.storage / "cli")
+    unpacked = bench.scratch / "cli-unpacked"
+    times: dict[str, list[float]] = {"pc": [], "cc": [], "pd": [], "cd": []}
+    packed = out_dir / "pages.zst"
+    size = 0
+    for _ in range(reps):
+        began = time.monotonic()
+        size, _ = compress_file(pages, packed, level)
+        times["pc"].append(time.monotonic() - began)
+        evict(out_dir)
+        began = time.monotonic()
+        decompress_file(packed, unpacked)
+        times["pd"].append(time.monotonic() - began)
+        unpacked.unlink()
+
+        began = time.monotonic()
+        cmd = ["zstd", "-q", "-f", "-T0", f"-{level}", "-o", str(packed), str(pages)]
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        fsync_tree(out_dir)  # compress_file fsyncs too: same durability on both sides
+        times["cc"].append(time.monotonic() - began)
+        evict(out_dir)
+        began = time.monotonic()
+        cmd = ["zstd", "-q", "-d", "-f", "-o", str(unpacked), str(packed)]
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        times["cd"].append(time.monotonic() - began)
+        unpacked.unlink()
+    shutil.rmtree(out_dir)
+    rate = {k: raw / median(v) / 1e6 for k, v in times.items()}
+    return CliSample(rate["pc"], rate["cc"], rate["pd"], rate["cd"], raw / size)
+
+
+def series(
+    bench: Bench, size: int, kind: str, variants: list[str], reps: int, cli_levels: list[int]
+) -> tuple[dict[str, list[Sample]], dict[int, CliSample]]:
+    tag = f"{size_label(size)}-{kind}"
+    log(f"{tag}: starting the target")
+    target, output = bench.start_target(size, kind)
+    first_crc = int(output.read_text().split()[1])
+    samples: dict[str, list[Sample]] = {v: [] for v in variants}
+    for rep in range(reps):
+        # Rotate the order: the first dump after a fill or a long compression pays for
+        # memory the VM handed back to the host (perf-baselines.md §0.7).
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+        for variant in order:
+            sample, target = cycle(bench, variant, target, tag)
+            samples[variant].append(sample)
+            log(
+                f"{tag} rep {rep + 1} {variant}: frozen {sample.frozen:.2f}s "
+                f"ckpt {sample.ckpt:.2f}s restart {sample.restart:.2f}s "
+                f"stored {sample.stored / MiB:.0f}/{sample.image / MiB:.0f} MiB"
+            )
+    cli: dict[int, CliSample] = {}
+    if cli_levels:
+        stage = fresh_dir(bench.scratch / f"stage-{tag}")
+        bench.dump(target, stage)
+        pages = max(files_of(stage), key=lambda p: p.stat().st_size)
+        for level in cli_levels:
+            cli[level] = cli_compare(bench, pages, level, reps)
+            c = cli[level]
+            log(
+                f"{tag} zstd-{level} python vs CLI: compress {c.py_comp:.0f} vs "
+                f"{c.cli_comp:.0f} MB/s, decompress {c.py_decomp:.0f} vs {c.cli_decomp:.0f} MB/s"
+            )
+        _, target = bench.restore(stage)
+        shutil.rmtree(stage)
+    crc = target_crc(target, output)
+    if crc != first_crc:
+        raise RuntimeError(f"{tag}: memory changed across dump/restore ({first_crc} != {crc})")
+    log(f"{tag}: memory CRC32 intact after every cycle")
+    bench.kill_all()
+    return samples, cli
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def cell(value: float, floor: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f} (×{value / floor:.2f})" if floor > 0 else f"{value:.{digits}f}"
+
+
+def render(
+    results: dict[tuple[int, str], dict[str, list[Sample]]],
+    clis: dict[tuple[int, str], dict[int, CliSample]],
+    header: list[str],
+) -> str:
+    lines = [*header, ""]
+    lines += [
+        "| payload | kind | variant | frozen s | ckpt total s | restart s | stored MiB | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (size, kind), samples in results.items():
+        med = {
+            v: Sample(*(median([getattr(s, f) for s in ss]) for f in Sample.__dataclass_fields__))
+            for v, ss in samples.items()
+        }
+        floor = med.get("criu")
+        for variant, m in med.items():
+            ref = floor or m
+            lines.append(
+                f"| {size_label(size)} | {kind} | {variant} | {cell(m.frozen, ref.frozen)} "
+                f"| {cell(m.ckpt, ref.ckpt)} | {cell(m.restart, ref.restart)} "
+                f"| {cell(m.stored / MiB, ref.stored / MiB, 0)} | {m.image / m.stored:.2f}x |"
+            )
+    if any(clis.values()):
+        lines += [
+            "",
+            "python-zstandard (ccr's compress_file/decompress_file, threads=-1, fsync'd) vs "
+            "`zstd -T0 -L` CLI (+fsync) on the largest pages image; raw MB/s, median:",
+            "",
+            "| payload | kind | level | python compress | CLI compress | python decompress "
+            "| CLI decompress | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (size, kind), per_level in clis.items():
+            for level, c in per_level.items():
+                lines.append(
+                    f"| {size_label(size)} | {kind} | {level} | {c.py_comp:.0f} | "
+                    f"{c.cli_comp:.0f} | {c.py_decomp:.0f} | {c.cli_decomp:.0f} | {c.ratio:.2f}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def environment(bench: Bench, reps: int) -> list[str]:
+    version = subprocess.run([bench.criu, "--version"], capture_output=True, text=True).stdout
+    zstd_cli = shutil.which("zstd")
+    cli_version = (
+        subprocess.run(["zstd", "-V"], capture_output=True, text=True).stdout.strip()
+        if zstd_cli
+        else "missing"
+    )
+    return [
+        f"ccr compression benchmark, {time.strftime('%Y-%m-%d %H:%M')}, median of {reps}; "
+        f"kernel {platform.release()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB; "
+        f"CRIU {version.split()[1] if version else '?'}; python-zstandard "
+        f"{zstandard.__version__} (libzstd {'.'.join(map(str, zstandard.ZSTD_VERSION))}); "
+        f"{cli_version.split(',')[0]}.",
+        f"Storage {bench.storage} (fsync'd; page cache dropped before restart), "
+        f"scratch {bench.scratch}. frozen = CRIU frozen_time; ckpt total = dump + store; "
+        "restart = unpack + `criu restore`; (×N) = multiple of raw CRIU's figure; "
+        "ratio = image bytes / stored bytes.",
+    ]
+
+
+def check_setup(criu: str) -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench.py needs root (CRIU)")
+    if not Path(criu).exists() and not shutil.which(criu):
+        sys.exit(f"CRIU not found at {criu}")
+    for tool in ("unshare", "setsid"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} (util-linux) is missing")
+    try:
+        subprocess.run([sys.executable, "-c", "import numpy"], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        sys.exit(f"numpy is missing: {sys.executable} -m pip install numpy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="256M,1G,4G", help="payload sizes (default %(default)s)")
+    parser.add_argument(
+        "--kinds", help="memory contents: random,realistic (default; --quick: realistic)"
+    )
+    parser.add_argument("--levels", default="1,3,9", help="zstd levels to compare")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (median)")
+    parser.add_argument(
+        "--cli-levels", default=str(DEFAULT_LEVEL), help="levels for the zstd CLI row ('' none)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run under 60 s: 64M and 256M, realistic only, one repetition, "
+        "CLI row for 256M only",
+    )
+    parser.add_argument("--out", type=Path, help="also write the tables to this file")
+    parser.add_argument("--storage", type=Path, default=Path("/tmp/ccrbench"))
+    parser.add_argument("--scratch", type=Path, default=Path("/dev/shm/ccrbench"))
+    parser.add_argument("--criu", default=os.environ.get("CCR_CRIU", "/usr/local/sbin/criu"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        # gzip-6 alone takes ~10-15 s per 256 MiB on 2 cores: the random kind would double
+        # the run for a smoke test that learns nothing new from it.
+        args.sizes, args.reps = "64M,256M", 1
+        args.kinds = args.kinds or "realistic"
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    kinds = [k for k in (args.kinds or "random,realistic").split(",") if k]
+    if set(kinds) - {"random", "realistic"}:
+        parser.error("--kinds takes random and/or realistic")
+    variants = ["criu", "none"] + [f"zstd-{int(lv)}" for lv in args.levels.split(",") if lv]
+    variants += ["gzip-6", "lz4"]
+    cli_levels = [int(lv) for lv in args.cli_levels.split(",") if lv]
+    if cli_levels and not shutil.which("zstd"):
+        sys.exit("the zstd CLI is missing: apt-get install -y zstd (or --cli-levels '')")
+    check_setup(args.criu)
+
+    # Restored roots are re-parented to us, so we can wait for them and kill them.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    bench = Bench(args.criu, fresh_dir(args.scratch), fresh_dir(args.storage))
+    results: dict[tuple[int, str], dict[str, list[Sample]]] = {}
+    clis: dict[tuple[int, str], dict[int, CliSample]] = {}
+    began = time.monotonic()
+    try:
+        for size in sizes:
+            for kind in kinds:
+                cli = cli_levels if not args.quick or size == max(sizes) else []
+                results[size, kind], clis[size, kind] = series(
+                    bench, size, kind, variants, args.reps, cli
+                )
+    finally:
+        bench.kill_all()
+        shutil.rmtree(args.scratch, ignore_errors=True)
+        shutil.rmtree(args.storage, ignore_errors=True)
+    table = render(results, clis, environment(bench, args.reps))
+    table += f"\nRun time {time.monotonic() - began:.0f} s.\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
