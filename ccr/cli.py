@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,14 +17,15 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
+from ccr import progress
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import convert, jobs
+from ccr.controller import convert, inspect, jobs
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
+from ccr.controller.checkpoint import Codec, parse_codec
 from ccr.controller.runtime import Runtime
-from ccr.engines.compression import Codec, parse_codec
-from ccr.errors import CcrError, UsageError, exit_code_for
+from ccr.errors import CcrError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_time import parse_slurm_time
 
@@ -43,11 +46,65 @@ def _codec(text: Optional[str]) -> Codec:
     return parse_codec(text) if text is not None else ckpt.default_codec()
 
 
-def _emit(data: Any, as_json: bool, text: str) -> None:
+class Verbosity:
+    """-q / -v, set once by the app callback."""
+
+    level = 0
+
+
+def _emit(data: Any, as_json: bool, text: str, detail: str = "") -> None:
     if as_json:
         print(json.dumps(data, indent=2, default=str))
-    else:
+    elif Verbosity.level >= 0:
         print(text)
+        if detail and Verbosity.level > 0:
+            print(detail)
+
+
+def _progress_bar() -> Any:
+    """A rich progress bar on stderr when it is a terminal; None (no output) otherwise."""
+    if Verbosity.level < 0 or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    tasks: dict[int, Any] = {}
+
+    def listen(task_id: int, description: str, done: int, total: int) -> None:
+        if task_id not in tasks:
+            tasks[task_id] = bar.add_task(description, total=total or None)
+        if done < 0:
+            bar.update(tasks[task_id], completed=total or 0, visible=False)
+        else:
+            bar.update(tasks[task_id], completed=done)
+
+    progress.set_listener(listen)
+    return bar
+
+
+@app.callback()
+def _global(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more (CRIU logs, stats)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors (and --json)."),
+) -> None:
+    """Transparent checkpoint/restart of batch job steps with CRIU."""
+    Verbosity.level = -1 if quiet else (1 if verbose else 0)
 
 
 def _signal_number(text: str) -> int:
@@ -184,14 +241,25 @@ def _create(
     opts = ckpt.CheckpointOptions(
         image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
     )
-    result = ckpt.create(Runtime.from_env(), ref, opts)
+    bar = _progress_bar()
+    if bar is not None:
+        with bar:
+            result = ckpt.create(Runtime.from_env(), ref, opts)
+    else:
+        result = ckpt.create(Runtime.from_env(), ref, opts)
     verb = "vacated" if stop else "checkpointed"
+    details = [
+        f"  step {m.job_id}.{m.step_id}: {m.stats.get('pages_written', 0)} pages written, "
+        f"memdump {m.stats.get('memdump_time', 0):.3f}s, CRIU log {m.stats.get('criu_log')}"
+        for m in result.manifests
+    ]
     _emit(
         result.to_dict(),
         as_json,
         f"{ref} {verb}: {result.link} -> {result.path.name} "
         f"({result.image_bytes / 2**20:.1f} MiB raw, {result.stored_bytes / 2**20:.1f} MiB stored, "
         f"frozen {result.frozen_time:.2f}s, total {result.total_time:.2f}s)",
+        "\n".join(details),
     )
 
 
@@ -220,9 +288,21 @@ def create(
 
 
 def _restart(
-    ref_text: str, image_dir: Optional[Path], stick: bool, max_wait: Optional[float], as_json: bool
+    ref_text: str,
+    image_dir: Optional[Path],
+    stick: bool,
+    max_wait: Optional[float],
+    as_json: bool,
+    check: bool = False,
 ) -> None:
     ref = _ref(ref_text)
+    if check:
+        checks = inspect.restart_check(Runtime.from_env(), ref, image_dir, stick)
+        ok = all(c.ok for c in checks)
+        lines = [f"{'ok ' if c.ok else 'NO '} {c.name}: {c.detail}" for c in checks]
+        lines.append(f"restart of {ref}: {'possible' if ok else 'blocked'}")
+        _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
+        raise typer.Exit(0 if ok else JobStateError.exit_code)
     results = rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
     lines = [
         f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)"
@@ -243,13 +323,49 @@ def restart(
     max_wait: Optional[float] = typer.Option(
         None, "--max-wait", help="Abandon the restore after this many seconds."
     ),
+    check: bool = typer.Option(
+        False, "--check", help="Change nothing: say what would block a restart."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
 
     Example: ccr restart 42 --image-dir /scratch/ckpt
     """
-    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json)
+    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check)
+
+
+@app.command()
+def show(
+    target: str = typer.Argument(..., metavar="CKPT|JOBID[.STEPID]"),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Where to look for JOBID."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """What a checkpoint holds: command, node, CRIU, process tree, sizes, times, stats.
+
+    Example: ccr show 42.0    or    ccr show /scratch/ckpt/42.0.ckpt --json
+    """
+    data = inspect.show(Runtime.from_env(), target, image_dir)
+    lines = []
+    for d in data:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created"]))
+        lines += [
+            f"{d['step']}  generation {d['generation']}  {d['checkpoint']}",
+            f"  command   {' '.join(d['command'])}  (cwd {d['cwd']})",
+            f"  node      {d['node']}  uid {d['uid']}  created {created}  CRIU {d['criu_version']}",
+            f"  images    {d['image_bytes'] / 2**20:.1f} MiB raw, {d['stored_bytes'] / 2**20:.1f}"
+            f" MiB stored ({d['compression']}, ratio {d['ratio']})",
+            f"  times     frozen {d['frozen_time']:.3f}s, total {d['total_time']:.3f}s",
+            f"  signed    {'yes, manifest authenticated' if d['authenticated'] else 'NO'}",
+            f"  GPU       {d['gpu'] or 'none'}",
+            "  processes (pid in the step's namespace):",
+        ]
+        for proc in d["processes"]:
+            lines.append(
+                f"    {proc['pid']:>6} ppid {proc['ppid']:<6} {proc['command']:<16} "
+                f"threads {proc['threads']:<3} rss {proc['rss_bytes'] / 2**20:.1f} MiB"
+            )
+    _emit(data, as_json, "\n".join(lines))
 
 
 @app.command("list")
@@ -475,6 +591,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = exit_code_for(exc)
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
+        if os.environ.get("CCR_DEBUG"):
+            raise
+        print(
+            f"ccr: internal error: {type(exc).__name__}: {exc} (CCR_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        code = 1
     sys.stdout.flush()
     sys.exit(code)
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccr import progress
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
@@ -74,6 +75,8 @@ class CheckpointResult:
             "total_time": round(self.total_time, 4),
             "image_bytes": self.image_bytes,
             "stored_bytes": self.stored_bytes,
+            "ratio": round(self.image_bytes / self.stored_bytes, 3) if self.stored_bytes else None,
+            "stats": {f"{m.job_id}.{m.step_id}": m.stats for m in self.manifests},
         }
 
 
@@ -240,16 +243,20 @@ def _dump_step(
         if compressed
         else step_dir
     )
+    estimate = process.tree_rss(step.init_pid)
     try:
-        stats = criu.dump(
-            step.init_pid,
-            raw_dir,
-            work,
-            final_state="stopped" if opts.stop else "running",
-            timeout=timeout,
-        )
+        with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
+            stats = criu.dump(
+                step.init_pid,
+                raw_dir,
+                work,
+                final_state="stopped" if opts.stop else "running",
+                timeout=timeout,
+            )
         if compressed:
-            entries = compress_dir(raw_dir, step_dir, opts.codec)
+            raw_total = sum(p.stat().st_size for p in raw_dir.iterdir() if p.is_file())
+            with progress.task(f"compress {step.id}", raw_total) as update:
+                entries = compress_dir(raw_dir, step_dir, opts.codec, progress=update)
     except OSError as exc:
         raise storage_error(step_dir, exc, "dumping into") from None
     except CcrError as exc:

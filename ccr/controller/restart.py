@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccr import progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
@@ -221,7 +222,8 @@ def restore_into(
         if packed:
             # Decompression checks every file's SHA-256 and zstd checksum before CRIU
             # sees a byte: a corrupted image restores nothing.
-            decompress_dir(image.path, raw_dir, image.manifest.files)
+            with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
+                decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise MaxWaitExceeded(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccr import config
+from ccr import config, progress
 from ccr.controller import checkpoint
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
@@ -241,6 +241,7 @@ def spawn_background(name: str, target: Callable[[Report], int]) -> dict[str, An
             if os.fork() != 0:
                 os._exit(0)
             _detach_stdio(log_path, write_fd)
+            progress.set_listener(None)  # the caller's progress bar is not ours to draw
             os._exit(_run_reporting(target, write_fd))
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(70)
