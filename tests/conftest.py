@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,18 @@ def ccr(tmp_path: Path) -> Iterator[Ccr]:
         yield instance
     finally:
         instance.cleanup()
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs at path (to fill up, or read-only), unmounted afterwards."""
+    path.mkdir(exist_ok=True)
+    opts = f"{'ro,' if read_only else ''}size={size}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 COUNTER = """\

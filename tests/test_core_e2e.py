@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Ccr, wait_for
+from conftest import Ccr, mounted_tmpfs, wait_for
 
 from ccr.engines.process import ProcessIdentity
 
@@ -675,13 +675,8 @@ def _image_dir_cases(ccr: Ccr, ro: Path) -> list[tuple[Path, str]]:
 @pytest.fixture
 def readonly_dir(ccr: Ccr) -> Any:
     """A directory on a read-only file system (root ignores permission bits)."""
-    path = ccr.work.parent / "ro"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
-    try:
+    with mounted_tmpfs(ccr.work.parent / "ro", "1m", read_only=True) as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_bad_image_dir_for_create_is_one_line_error(ccr: Ccr, readonly_dir: Path) -> None:

@@ -6,14 +6,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import COUNTER, Ccr, numbers, wait_for
+from conftest import COUNTER, Ccr, mounted_tmpfs, numbers, wait_for
 
 from ccr.storage.manifest import MANIFEST, ManifestKey, read_json, write_signed
 
@@ -140,13 +139,8 @@ def test_sigkill_of_ccr_mid_dump(ccr: Ccr, mode: str) -> None:
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "small", "300m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_during_dump(ccr: Ccr, small_tmpfs: Path) -> None:
@@ -280,14 +274,9 @@ def test_bad_image_dirs(ccr: Ccr, tmp_path: Path) -> None:
     a_file.write_text("x")
     proc = ccr.run("create", "74", "--image-dir", str(a_file), check=False)
     assert proc.returncode == 8 and "Traceback" not in proc.stderr
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         proc = ccr.run("create", "74", "--image-dir", str(ro), check=False)
         assert proc.returncode == 8 and "read-only" in proc.stderr, proc.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
     proc = ccr.run("restart", "74", "--image-dir", str(a_file), check=False)
     assert proc.returncode == 8 and "not a directory" in proc.stderr
     assert ccr.step("74.0")["state"] == "running"
