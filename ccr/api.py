@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import inspect, jobs
+from ccr.controller import inspect, jobs, slurm
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
@@ -63,7 +63,7 @@ def create(
         stop=stop,
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
     )
-    return ckpt.create(Runtime.from_env(), _ref(ref), opts)
+    return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
 
 
 def restart(

@@ -19,14 +19,16 @@ except ImportError:  # pragma: no cover
 
 from ccr import progress
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import convert, inspect, jobs
+from ccr.controller import convert, inspect, jobs, slurm_restart
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
+from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.checkpoint import Codec, parse_codec
 from ccr.controller.runtime import Runtime
 from ccr.errors import CcrError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
+from ccr.slurm_commands import register as register_slurm_commands
 from ccr.slurm_time import parse_slurm_time
 
 app = typer.Typer(
@@ -244,9 +246,9 @@ def _create(
     bar = _progress_bar()
     if bar is not None:
         with bar:
-            result = ckpt.create(Runtime.from_env(), ref, opts)
+            result = slurmctl.create_any(Runtime.from_env(), ref, opts)
     else:
-        result = ckpt.create(Runtime.from_env(), ref, opts)
+        result = slurmctl.create_any(Runtime.from_env(), ref, opts)
     verb = "vacated" if stop else "checkpointed"
     details = [
         f"  step {m.job_id}.{m.step_id}: {m.stats.get('pages_written', 0)} pages written, "
@@ -294,6 +296,7 @@ def _restart(
     max_wait: Optional[float],
     as_json: bool,
     check: bool = False,
+    new_job: bool = False,
 ) -> None:
     ref = _ref(ref_text)
     if check:
@@ -303,6 +306,12 @@ def _restart(
         lines.append(f"restart of {ref}: {'possible' if ok else 'blocked'}")
         _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
+    dist = slurm_restart.restart_if_distributed(
+        Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
+    )
+    if dist is not None:
+        _emit(dist.to_dict(), as_json, dist.describe())
+        return
     results = rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
     lines = [
         f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)"
@@ -326,13 +335,16 @@ def restart(
     check: bool = typer.Option(
         False, "--check", help="Change nothing: say what would block a restart."
     ),
+    new_job: bool = typer.Option(
+        False, "--new-job", help="Multi-node checkpoint: submit a new job instead of requeueing."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
 
     Example: ccr restart 42 --image-dir /scratch/ckpt
     """
-    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check)
+    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job)
 
 
 @app.command()
@@ -528,6 +540,7 @@ def cp_requeue(
     """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
+    slurmctl.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
 
 
 @checkpoint_app.command("restart")
@@ -570,6 +583,7 @@ def cp_enable(ref: str, as_json: bool = JSON_OPT) -> None:
 
 
 app.add_typer(checkpoint_app, name="checkpoint")
+register_slurm_commands(app)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -10,11 +10,16 @@ from pathlib import Path
 from ccr.errors import CcrError, StorageError
 
 
+def node_name() -> str:
+    """This node's name: SLURMD_NODENAME (inside Slurm), else `hostname -s`."""
+    return os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
+
+
 def state_dir() -> Path:
-    """`CCR_STATE_DIR`, else /var/lib/ccr for root and ~/.local/state/ccr otherwise."""
+    """`CCR_STATE_DIR` (`%n` = this node's name), else /var/lib/ccr for root, else ~/.local."""
     env = os.environ.get("CCR_STATE_DIR")
     if env:
-        path = Path(env)
+        path = Path(env.replace("%n", node_name()))
     elif os.geteuid() == 0:
         path = Path("/var/lib/ccr")
     else:
@@ -25,6 +30,12 @@ def state_dir() -> Path:
     except OSError as exc:
         raise StorageError(f"cannot use state directory {path}: {exc.strerror}") from None
     return path
+
+
+def key_file(state: Path) -> Path:
+    """The manifest HMAC key: `CCR_KEY_FILE` (one key shared by every node), else state dir's."""
+    env = os.environ.get("CCR_KEY_FILE")
+    return Path(env) if env else state / "manifest.key"
 
 
 def logs_dir() -> Path:

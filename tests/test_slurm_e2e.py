@@ -297,8 +297,8 @@ def test_one_node_failing_its_dump_publishes_nothing(dist: Dist) -> None:
     dist.wait_state(job, "RUNNING")
     dist.wait_counting(job)
 
-    def assert_untouched(proc: subprocess.CompletedProcess[str], code: int) -> None:
-        assert proc.returncode == code, proc
+    def assert_untouched(proc: subprocess.CompletedProcess[str], codes: tuple[int, ...]) -> None:
+        assert proc.returncode in codes, proc
         assert "node2" in proc.stderr and "nothing was published" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
         leftovers = sorted(p.name for p in dist.work.iterdir() if ".ckpt" in p.name)
@@ -308,13 +308,14 @@ def test_one_node_failing_its_dump_publishes_nothing(dist: Dist) -> None:
         dist.wait_counting(job, (now[0] + 5, now[1] + 5), timeout=20)  # nobody left stopped
 
     failing = dict(dist.env, CCR_CRIU=str(_failing_criu(dist.work, "node2", "exit 1")))
-    assert_untouched(dist.ccr("create", "--stop", str(job), env=failing, check=False), 5)
+    # CRIU dying under ccr reads as a CRIU (5) or I/O (8) failure, depending on when it died
+    assert_untouched(dist.ccr("create", "--stop", str(job), env=failing, check=False), (5, 8))
 
     slow = dict(dist.env, CCR_CRIU=str(_failing_criu(dist.work, "node2", "exec sleep 60")))
     t0 = time.monotonic()
     proc = dist.ccr("create", "--stop", str(job), "--max-wait", "3", env=slow, check=False)
     assert time.monotonic() - t0 < 30
-    assert_untouched(proc, 6)
+    assert_untouched(proc, (6,))
 
     dist.ccr("create", str(job))  # and the next checkpoint works
     assert (dist.work / f"{job}.ckpt" / "job.json").exists()

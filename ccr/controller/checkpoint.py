@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ccr import progress
 from ccr.controller.runtime import Runtime
-from ccr.engines import process
+from ccr.engines import gpu, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
@@ -154,6 +154,7 @@ def _create_locked(
     whole_job = ref.step_id is None
     stopped: list[reg.StepRecord] = []
     touched: list[reg.StepRecord] = []
+    gpu_seqs: list[gpu.GpuSequence] = []
     manifests: list[StepManifest] = []
     try:
         for step in steps:
@@ -166,7 +167,9 @@ def _create_locked(
                     if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
                         raise JobStateError(f"step {step.id} stopped running")
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            manifest = _dump_step(rt, criu, criu_version, step, step_dir, opts, remaining, key)
+            manifest = _dump_step(
+                rt, criu, criu_version, step, step_dir, opts, remaining, key, gpu_seqs
+            )
             if opts.stop:
                 stopped.append(step)
             manifests.append(manifest)
@@ -182,13 +185,17 @@ def _create_locked(
         generation = series.publish(staging)
     except MaxWaitExceeded as exc:
         discard(staging)
-        _resume(rt, touched)
+        _resume(rt, touched)  # SIGCONT first: a stopped process cannot give its GPU back
+        for seq in gpu_seqs:
+            seq.rollback()
         raise MaxWaitExceeded(
             f"checkpoint of {ref} abandoned: {exc}; the job is running, nothing was published"
         ) from None
     except BaseException:
         discard(staging)
         _resume(rt, touched)
+        for seq in gpu_seqs:
+            seq.rollback()
         raise
     if opts.stop:
         _kill_vacated(rt, stopped)
@@ -230,9 +237,15 @@ def _dump_step(
     opts: CheckpointOptions,
     timeout: float | None,
     key: bytes,
+    gpu_seqs: list[gpu.GpuSequence] | None = None,
 ) -> StepManifest:
     assert step.init_pid is not None
     began = time.monotonic()
+    # CUDA processes first hand their device memory to host memory (the driver's checkpoint
+    # API), so CRIU sees plain processes; MaxWait covers the whole sequence.
+    seq = gpu.GpuSequence(deadline=None if timeout is None else began + timeout)
+    if gpu_seqs is not None:
+        gpu_seqs.append(seq)
     pids = process.tree_pids(step.init_pid)
     work = rt.work_dir(f"{step.id}-dump")
     compressed = opts.codec.name != "none"
@@ -245,14 +258,17 @@ def _dump_step(
     )
     estimate = process.tree_rss(step.init_pid)
     try:
+        seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
             stats = criu.dump(
                 step.init_pid,
                 raw_dir,
                 work,
                 final_state="stopped" if opts.stop else "running",
-                timeout=timeout,
+                timeout=seq.remaining(),
             )
+        if not opts.stop:
+            seq.resume()
         if compressed:
             raw_total = sum(p.stat().st_size for p in raw_dir.iterdir() if p.is_file())
             with progress.task(f"compress {step.id}", raw_total) as update:
@@ -304,6 +320,7 @@ def _dump_step(
             "criu_log": str(work / "dump.log"),
         },
         restart_count=job.restart_count,
+        gpu=seq.record(),
     )
     try:
         for path in step_dir.iterdir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 from ccr import progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
-from ccr.engines import process
+from ccr.engines import gpu, process
 from ccr.engines.compression import decompress_dir
 from ccr.errors import (
     IntegrityError,
@@ -157,6 +158,7 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
             f"checkpoint {image.path} is owned by uid {owner}, neither root nor the job's owner"
         )
     check_criu_version(rt, image)
+    gpu.check_restorable(image.manifest.gpu)
     if stick_to_nodes and m.hostname != socket.gethostname():
         raise JobStateError(
             f"StickToNodes: checkpoint of {image.step} was taken on {m.hostname}, "
@@ -233,6 +235,14 @@ def restore_into(
     finally:
         if packed:
             discard(raw_dir)
+    if gpu.needs_gpu(image.manifest.gpu):
+        try:
+            gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
+        except BaseException:
+            # No half-restored tree: without its GPU memory the job is not restored.
+            process.signal_process(result.pid, signal.SIGKILL)
+            os.waitpid(result.pid, 0)
+            raise
     with rt.registry() as db:
         image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
         db.ensure_job(image.step.job_id, str(image_dir))

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccr.controller import restart as rst
+from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
 from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
-from ccr.ids import JobRef, StepId, output_name
+from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
 
 
@@ -99,9 +100,11 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
     cwd = Path.cwd()
     env = dict(os.environ)
+    req.settings = slurmctl.task_settings(req.settings)
     step = _resolve_step(rt, req)
     ckpt_dir = _check_dir(req.checkpoint_dir or cwd, "checkpoint directory")
-    output = (req.output or cwd / output_name(step)).resolve()
+    env.update(slurmctl.task_exports(rt, step, ckpt_dir))
+    output = (req.output or slurmctl.output_file(step, cwd)).resolve()
     resume = _resume_image(
         rt, step, req.restart_dir or ckpt_dir, explicit=req.restart_dir is not None
     )
@@ -129,6 +132,7 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         else:
             pid = supervisor.start_fresh(req.argv, cwd, env, output)
             report({"ok": True, "step": str(step), "pid": pid, "output": str(output)})
+        slurmctl.record_task(rt, step)
         return supervisor.wait()
 
     if req.detach:
@@ -148,6 +152,12 @@ def _resume_image(
     rt: Runtime, step: StepId, image_dir: Path, explicit: bool
 ) -> rst.StepImage | None:
     """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
+    rank_dir = slurmctl.rank_image(rt, step, image_dir)
+    if rank_dir is not None:  # this task's rank of a multi-node checkpoint
+        image = rst.load_image(rt, rank_dir, full=False)
+        rst.preflight(rt, image, stick_to_nodes=False)
+        print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
+        return image
     try:
         paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)
     except (NotFoundError, StorageError):

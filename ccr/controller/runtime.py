@@ -34,7 +34,7 @@ class Runtime:
         return Criu(config.criu_binary())
 
     def manifest_key(self, create: bool) -> bytes | None:
-        return ManifestKey(self.state_dir / "manifest.key").load(create)
+        return ManifestKey(config.key_file(self.state_dir)).load(create)
 
     def work_dir(self, what: str) -> Path:
         """A fresh directory under logs/ for one CRIU action's log and statistics."""

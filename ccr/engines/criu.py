@@ -196,7 +196,10 @@ class Criu:
             theirs.close()
         # CRIU opens images_dir_fd and work_dir_fd through /proc/<our pid>/fd: keep them open.
         try:
-            ours.send(req.SerializeToString())  # type: ignore[attr-defined]
+            try:
+                ours.send(req.SerializeToString())
+            except OSError:
+                pass  # criu died at once: the receive below reports it from its log
             while True:
                 resp = self._receive(ours, deadline, proc, what, log_file, timeout)
                 if resp.type == rpc.NOTIFY:
@@ -254,6 +257,8 @@ class Criu:
             raise MaxWaitExceeded(
                 f"CRIU {what} did not finish within MaxWait={timeout:g}s"
             ) from None
+        except OSError:
+            buf = b""  # criu died mid-answer (connection reset): its log says why
         if not buf:
             proc.wait()
             reason = _log_reason(log_file) or f"criu exited with status {proc.returncode}"

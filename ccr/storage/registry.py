@@ -56,6 +56,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 """
 
+# Columns added after the first release (Slurm task placement), by Registry._migrate.
+STEP_COLUMNS = {
+    "rank": "INTEGER",
+    "node": "TEXT",
+    "ntasks": "INTEGER NOT NULL DEFAULT 1",
+    "nnodes": "INTEGER NOT NULL DEFAULT 1",
+}
+
 # Step states.  `vacating` marks a step whose tree is about to be killed by a checkpoint,
 # so its supervisor records the exit as a vacate, not a failure.
 RUNNING, COMPLETED, FAILED, CANCELLED, VACATING, VACATED, LOST = (
@@ -86,6 +94,10 @@ class StepRecord:
     ended: float | None = None
     exit_code: int | None = None
     next_checkpoint: float | None = None
+    rank: int | None = None  # SLURM_PROCID of this task (None: not a Slurm step task)
+    node: str | None = None  # the node it runs on
+    ntasks: int = 1  # tasks of the whole step, on every node
+    nnodes: int = 1
 
     @property
     def id(self) -> StepId:
@@ -133,9 +145,21 @@ class Registry:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            self._migrate()
             path.chmod(0o600)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open job registry {path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Add the columns newer ccr versions use to an older registry (idempotent, racy-safe)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+        for column, decl in STEP_COLUMNS.items():
+            if column not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE steps ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @classmethod
     def open(cls, state_dir: Path) -> Registry:

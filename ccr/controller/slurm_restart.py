@@ -1,0 +1,181 @@
+"""Restart a multi-node checkpoint inside Slurm: requeue the same job, or submit a new one.
+
+Either way every rank is restored by a ccr task of a Slurm step (`srun ccr _restore-rank`, or
+the requeued batch script's own `srun ccr run`), which restores its rank's image as its child
+and waits for it: scancel, `scontrol listpids` and exit codes work as for any other step.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ccr.controller import restart as rst
+from ccr.controller import slurm as slurmctl
+from ccr.controller import supervisor as sup
+from ccr.controller.runtime import Runtime
+from ccr.engines import slurm
+from ccr.errors import CcrError, IntegrityError, JobStateError, StorageError, UsageError
+from ccr.ids import JobRef, StepId
+
+RESTARTABLE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"}
+
+
+@dataclass
+class SlurmRestart:
+    """A multi-node checkpoint handed back to Slurm."""
+
+    source: JobRef
+    job_id: int  # the Slurm job that restores it
+    mode: str  # "requeued" or "submitted"
+    checkpoints: list[Path]
+    nodes: list[str] = field(default_factory=list)  # pinned by StickToNodes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": str(self.source),
+            "slurm_job": self.job_id,
+            "mode": self.mode,
+            "checkpoints": [str(p) for p in self.checkpoints],
+            "nodes": self.nodes,
+        }
+
+    def describe(self) -> str:
+        where = f" on {','.join(self.nodes)}" if self.nodes else ""
+        how = "requeued" if self.mode == "requeued" else f"submitted as job {self.job_id}"
+        return f"{self.source} {how}{where}, restoring {', '.join(map(str, self.checkpoints))}"
+
+
+def restart_if_distributed(
+    rt: Runtime,
+    ref: JobRef,
+    image_dir: Path | None,
+    stick: bool,
+    max_wait: float | None,
+    new_job: bool,
+) -> SlurmRestart | None:
+    """Restart ref through Slurm if its newest checkpoint is a multi-node one; else None."""
+    image_dir = (image_dir or rst.default_image_dir(rt, ref.job_id)).resolve()
+    if not image_dir.is_dir():
+        return None
+    images = slurmctl.find_dist(rt, image_dir, ref)
+    if not images:
+        if new_job:
+            raise UsageError(f"--new-job: no multi-node checkpoint of {ref} in {image_dir}")
+        return None
+    for image in images:
+        for rank in sorted(image.ranks):
+            step_image = rst.load_image(rt, image.step_dir / str(rank), full=False)
+            rst.check_criu_version(rt, step_image)
+    if not slurm.available():
+        raise CcrError(f"{ref} is a multi-node checkpoint: restarting it needs Slurm (srun)")
+    nodes = sorted({n for image in images for n in image.ranks.values()}) if stick else []
+    if stick:
+        _check_nodes(ref, images)
+    info = None if new_job else slurm.job_info(ref.job_id)
+    if info is not None:
+        _requeue(ref, info, nodes)
+        return SlurmRestart(ref, ref.job_id, "requeued", [i.step_dir for i in images], nodes)
+    if len(images) > 1:
+        steps = ", ".join(f"{ref.job_id}.{i.step_id}" for i in images)
+        raise UsageError(f"{ref} holds several steps ({steps}): restart them one at a time")
+    job_id = _submit(rt, ref, images[0], nodes, max_wait)
+    return SlurmRestart(ref, job_id, "submitted", [images[0].step_dir], nodes)
+
+
+def _check_nodes(ref: JobRef, images: list[slurmctl.DistImage]) -> None:
+    """StickToNodes: every node a rank was dumped on must be able to run it again."""
+    placed = {n: (i.step_id, r) for i in images for r, n in sorted(i.ranks.items())}
+    states = slurm.node_states(sorted(placed))
+    for node, state in sorted(states.items()):
+        if not slurm.node_usable(state):
+            sid, rank = placed[node]
+            raise JobStateError(
+                f"StickToNodes: node {node} (rank {rank} of {ref.job_id}.{sid}) is {state}; "
+                "cannot restart there (restart without StickToNodes to move the job)"
+            )
+
+
+def _requeue(ref: JobRef, info: dict[str, str], nodes: list[str]) -> None:
+    """Same job id: requeue it (its batch script's `ccr run` resumes), release it in 2 s."""
+    state = info.get("JobState", "?")
+    if state == "RUNNING":
+        raise JobStateError(
+            f"job {ref.job_id} is still running: vacate it first (ccr checkpoint vacate "
+            f"{ref.job_id}) or restore it beside it as a new job (--new-job)"
+        )
+    if state != "PENDING":
+        if state not in RESTARTABLE or info.get("BatchFlag") != "1":
+            raise JobStateError(
+                f"job {ref.job_id} ({state}) cannot be requeued: restart it as a new job "
+                "(--new-job)"
+            )
+        slurm.requeue(ref.job_id)
+        deadline = time.monotonic() + 30
+        while (slurm.job_info(ref.job_id) or {}).get("JobState") != "PENDING":
+            if time.monotonic() > deadline:
+                raise CcrError(f"job {ref.job_id} did not become PENDING after scontrol requeue")
+            time.sleep(0.2)
+    slurm.release(ref.job_id, nodes)
+
+
+def _submit(
+    rt: Runtime, ref: JobRef, image: slurmctl.DistImage, nodes: list[str], max_wait: float | None
+) -> int:
+    """A new job of one task per rank, each restoring its rank (`ccr _restore-rank`)."""
+    first = rst.load_image(rt, image.step_dir / "0", full=False).manifest
+    n = str(image.ntasks)
+    args = ["-N", n, "-n", n, "--ntasks-per-node=1", "-J", f"ccr-restart-{ref.job_id}"]
+    args += ["--chdir", first.cwd, "--open-mode=append", "-o", f"ccr-restart-{ref.job_id}-%j.out"]
+    if nodes:
+        args += [f"--nodelist={','.join(nodes)}"]
+    cmd = [*slurm.ccr_command(), "_restore-rank", str(image.gen), "--step", str(image.step_id)]
+    cmd += ["--stick"] if nodes else []
+    cmd += ["--max-wait", f"{max_wait:g}"] if max_wait is not None else []
+    script = f"#!/bin/bash\nexec srun --kill-on-bad-exit=0 {shlex.join(cmd)}\n"
+    return slurm.sbatch(args, script)
+
+
+def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: float | None) -> int:
+    """`ccr _restore-rank`: restore this task's rank as our child, supervise it, pass its code."""
+    task = slurm.TaskEnv.from_env()
+    if task.job_id is None or task.step_id is None or task.rank is None:
+        raise UsageError("ccr _restore-rank runs as a task of a Slurm step (srun)")
+    found = [i for i in slurmctl._dist_steps(gen, rt.manifest_key(create=False))]
+    image = next((i for i in found if i.step_id == step_id), None)
+    if image is None:
+        raise IntegrityError(f"{gen} holds no multi-node checkpoint of step {step_id}")
+    if stick:
+        mine = [r for r, n in sorted(image.ranks.items()) if n == task.node]
+        if not mine:
+            raise JobStateError(f"StickToNodes: no rank of step {step_id} was on {task.node}")
+        rank = mine[0]
+    else:
+        rank = task.rank
+    if task.ntasks != image.ntasks or rank not in image.ranks:
+        raise JobStateError(f"{gen} holds {image.ntasks} ranks; this step has {task.ntasks}")
+    loaded = rst.load_image(rt, image.step_dir / str(rank), full=False)
+    rst.check_criu_version(rt, loaded)
+    if not Path(loaded.manifest.cwd).is_dir():
+        raise StorageError(f"working directory {loaded.manifest.cwd} no longer exists")
+    new = StepId(task.job_id, task.step_id)
+    moved = rst.StepImage(
+        loaded.path, replace(loaded.manifest, job_id=new.job_id, step_id=new.step_id)
+    )
+    image_dir = gen.parent
+    with rt.registry() as db:
+        db.ensure_job(new.job_id, str(image_dir), checkpoint_dir=str(image_dir))
+        db.bump_restart_count(new.job_id)
+    settings = slurmctl.task_settings(sup.SupervisorSettings())
+    supervisor = sup.Supervisor(rt, new, settings)
+    result = rst.restore_into(rt, supervisor, moved, max_wait)
+    slurmctl.record_task(rt, new, rank=rank, ntasks=image.ntasks)
+    print(
+        f"ccr: rank {rank} of {loaded.step} restored on {task.node} as {new} (pid {result.pid})",
+        file=sys.stderr,
+    )
+    return supervisor.wait()

@@ -1,0 +1,52 @@
+"""ccr's internal per-node commands, run by Slurm steps that ccr itself launches (hidden)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ccr.controller import slurm as slurmctl
+from ccr.controller import slurm_restart
+from ccr.controller.runtime import Runtime
+from ccr.engines.compression import parse_codec
+from ccr.ids import parse_job_ref
+
+
+def node_checkpoint(
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    staging: str = typer.Option(..., "--staging"),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir"),
+    stop: bool = typer.Option(False, "--stop"),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait"),
+    compress: str = typer.Option("zstd:1", "--compress"),
+) -> None:
+    """Dump this node's tasks of a job for `ccr create` (one task per node of an srun step)."""
+    code = slurmctl.node_checkpoint(
+        Runtime.from_env(),
+        parse_job_ref(ref),
+        staging,
+        image_dir,
+        stop,
+        max_wait,
+        parse_codec(compress),
+    )
+    raise typer.Exit(code)
+
+
+def restore_rank(
+    gen: Path = typer.Argument(..., metavar="CKPT"),
+    step: int = typer.Option(..., "--step"),
+    stick: bool = typer.Option(False, "--stick"),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait"),
+) -> None:
+    """Restore this task's rank of a multi-node checkpoint and wait for it (under srun)."""
+    code = slurm_restart.restore_rank(Runtime.from_env(), gen, step, stick, max_wait)
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the hidden per-node commands to the `ccr` app."""
+    app.command("_node-checkpoint", hidden=True)(node_checkpoint)
+    app.command("_restore-rank", hidden=True)(restore_rank)
