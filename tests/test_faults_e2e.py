@@ -296,3 +296,26 @@ def test_images_are_private_whatever_the_umask(ccr: Ccr) -> None:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
     assert (ccr.state_dir / "manifest.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_concurrent_dumps_of_two_jobs_and_a_stale_parasite_dir(ccr: Ccr) -> None:
+    # CRIU's parasite creates `proc.crtools` in the root task's cwd ("/" for dumb-init):
+    # concurrent dumps must not collide on it, and a leftover one must not break dumps.
+    scratch = Path("/proc.crtools")
+    if not scratch.exists():
+        scratch.mkdir()
+    ccr.program("counter.py", COUNTER)
+    for job in ("76", "77"):
+        ccr.detach("python3", "counter.py", options=("--job-id", job, "--checkpoint", "0:01"))
+    wait_for(
+        lambda: all(
+            (ccr.status(j)["last_checkpoint"] or {}).get("path", "").endswith(".ckpt.4")
+            for j in ("76", "77")
+        ),
+        90,
+        "four interval checkpoints of each job",
+    )
+    for job in ("76", "77"):
+        assert ccr.status(job)["last_error"] is None
+        ccr.run("cancel", job)
+    assert not scratch.exists()

@@ -272,6 +272,7 @@ def test_stick_to_nodes_with_a_pinned_node_down(dist: Dist) -> None:
 
     dist.cluster.scontrol("update", "nodename=node3", "state=resume")
     dist.downed.remove("node3")
+    dist.cluster.wait_idle(timeout=90)  # `idle*` (not yet responding) is still refused
     out = dist.ccr("restart", str(job), "--stick-to-nodes").stdout  # same job id, pinned
     assert "requeued on node2,node3" in out, out
     dist.wait_state(job, "RUNNING")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +117,11 @@ class Criu:
         req.opts.tcp_established = tcp_established
         req.opts.file_locks = True
         started = time.monotonic()
-        self._call(req, images_dir, work_dir, timeout, hook, "dump")
+        with parasite_scratch(pid, timeout):
+            remaining = (
+                None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
+            )
+            self._call(req, images_dir, work_dir, remaining, hook, "dump")
         stats = read_dump_stats(work_dir / "stats-dump")
         stats.wall_time = time.monotonic() - started
         return stats
@@ -266,6 +273,49 @@ class Criu:
         resp = rpc.criu_resp()
         resp.ParseFromString(buf)
         return resp
+
+
+# CRIU's parasite, dumping the root of a PID namespace, mounts a private procfs on a
+# directory it creates as `proc.crtools` in the root task's working directory (our steps'
+# init, dumb-init, always runs in "/").  Two dumps at once of roots sharing a working
+# directory then collide (EEXIST), and a leftover directory breaks every later dump.
+SCRATCH_NAME = "proc.crtools"
+LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
+
+
+@contextmanager
+def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
+    """Serialize dumps of roots sharing a working directory; clear a stale scratch dir."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        yield  # the dump itself will say what is wrong with pid
+        return
+    digest = hashlib.sha256(cwd.encode()).hexdigest()[:16]
+    fd = os.open(LOCK_DIR / f"ccr-criu-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise MaxWaitExceeded(
+                        f"another CRIU dump in {cwd} did not finish within MaxWait={timeout:g}s"
+                    ) from None
+                time.sleep(0.02)
+        scratch = Path(cwd) / SCRATCH_NAME
+        if scratch.is_dir():
+            # Left by a CRIU killed mid-dump.  Only an empty, unmounted directory is removed:
+            # a CRIU that is not ccr's (no lock) may be using a mounted one right now.
+            try:
+                scratch.rmdir()
+            except OSError:
+                pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child
