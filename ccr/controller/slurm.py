@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import supervisor as sup
+from ccr.controller.restart import default_image_dir
 from ccr.controller.runtime import Runtime
 from ccr.engines import slurm
 from ccr.engines.compression import Codec
@@ -245,9 +246,11 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
         raise
     _finish(proc, f"commit {published}" if published else "abort", lines, rnd, err_thread)
     if published is None:
-        for report in rnd.reports:
-            if report.get("image_dir"):
-                discard(Path(report["image_dir"]) / staging_name)
+        # Nodes that never answered (MaxWait) may still have made the staging directory.
+        dirs = {Path(r["image_dir"]) for r in rnd.reports if r.get("image_dir")}
+        dirs.add(opts.image_dir.resolve() if opts.image_dir else default_image_dir(rt, ref.job_id))
+        for image_dir in dirs:
+            discard(image_dir / staging_name)
         assert problem is not None
         raise problem
     series = CheckpointSeries(published.parent, name)
