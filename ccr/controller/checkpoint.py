@@ -251,12 +251,8 @@ def _dump_step(
     compressed = opts.codec.name != "none"
     # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
-    raw_dir = (
-        scratch_dir(process.tree_rss(step.init_pid), step_dir.parent, "dump")
-        if compressed
-        else step_dir
-    )
     estimate = process.tree_rss(step.init_pid)
+    raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if compressed else step_dir
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import socket
@@ -122,8 +123,6 @@ def find_images(rt: Runtime, ref: JobRef, image_dir: Path) -> list[Path]:
 
 
 def _created(manifest: Path) -> float:
-    import json
-
     try:
         return float(json.loads(manifest.read_text()).get("created", 0.0))
     except (OSError, ValueError):
