@@ -2,8 +2,9 @@
 """Benchmark checkpoint image compression against raw CRIU, side by side, as markdown tables.
 
 For each payload size and memory kind one target process is started (PID namespace init,
-own session, stdin /dev/null) and cycled through dump -> store -> restore once per variant
-and repetition, the variant order rotating between repetitions:
+own session, stdin /dev/null; with the ccr rows two more, under `ccr run`) and cycled
+through dump -> store -> restore once per variant and repetition, the variant order rotating
+between repetitions:
 
   criu     `criu dump` straight into the storage directory, fsync'd; `criu restore` from it
            (the floor);
@@ -11,19 +12,31 @@ and repetition, the variant order rotating between repetitions:
            restart: decompress_dir back into scratch, then `criu restore`;
   zstd-L   the same with compress_dir's zstd at level L (ccr.engines.compression);
   gzip-6   the same with python's gzip at level 6 (DMTCP's codec), one stream per file;
-  lz4      the same with python's lz4 frame format (default level, content checksum).
+  lz4      the same with python's lz4 frame format (default level, content checksum);
+  criu@ccr raw `criu dump`/`criu restore` as in criu, but of a target that `ccr run` launched
+           (dumb-init as PID 1 of ccr's PID namespace, the payload below it): the floor the
+           ccr rows are compared with, same payload, same run;
+  ccr-none ccr end to end, through its CLI with a private CCR_STATE_DIR: the target runs
+           under `ccr run --detach`; `ccr create J.0 --stop --compress none --json`, then
+           `ccr restart J.0 --json` (the restored step is supervised by ccr again);
+  ccr-zstd1  the same with `--compress zstd:1`.
 
 Columns: frozen time (CRIU's frozen_time: the application's downtime), checkpoint total
 (dump plus store, durable), restart total (unpack plus `criu restore`), stored size and
-compression ratio, each time and size also as a multiple of raw CRIU's.  Every cell is the
-median over --reps.  The page cache of the stored files is dropped before each restart, so
-restarts read storage cold.  A second table compares python-zstandard (compress_file /
+compression ratio, each time and size also as a multiple of raw CRIU's (for the ccr rows: of
+criu@ccr's).  For the ccr rows frozen and ckpt total are the figures `ccr create --json`
+reports (frozen_time, total_time), restart is the wall time of the whole `ccr restart` CLI
+call (manifest and SHA-256 checks, unpack, restore, hand-over to a supervisor), and an
+extra column gives the wall time of the `ccr create` call and ccr's own restore_time.  Every
+cell is the median over --reps.  The page cache of the stored files is dropped before each
+restart, so restarts read storage cold.  A second table compares python-zstandard (compress_file /
 decompress_file) with the `zstd -T0 -L` CLI on the same pages image.  At the end of each
 series the target recomputes the CRC32 of its memory, which must match its first one.
 
 Needs root, CRIU, numpy (the targets fill memory with it), lz4 and the zstd CLI.  It kills
 every process it started, by PID, on the way out.  Run from the repository root:
-    .venv/bin/python scripts/bench.py [--quick] [--sizes 256M,1G] [--out results.md]
+    .venv/bin/python scripts/bench.py [--quick] [--sizes 256M,1G] [--kinds realistic]
+        [--variants criu,criu@ccr,ccr-none,ccr-zstd1] [--out results.md]
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ import argparse
 import ctypes
 import gzip
 import hashlib
+import json
+import math
 import os
 import platform
 import shutil
@@ -66,6 +81,9 @@ from ccr.storage.manifest import FileEntry  # noqa: E402
 MiB = 1 << 20
 CHUNK = MiB
 PR_SET_CHILD_SUBREAPER = 36
+# ccr's own rows, with the --compress spec each passes, and raw CRIU on a ccr-launched tree.
+CCR_VARIANTS = {"ccr-none": "none", "ccr-zstd1": "zstd:1"}
+RAW_ON_CCR = "criu@ccr"
 
 # The target: fills `size` bytes in 16 MiB arrays, prints its CRC32, then sleeps; SIGUSR1
 # makes it print the CRC again (after dump/restore cycles it must not have changed).
@@ -280,6 +298,9 @@ class Bench:
     storage: Path
     # Every process this run started (or CRIU restored for it), so finally can kill them.
     started: list[psutil.Process] = field(default_factory=list)
+    # ccr jobs this run launched (cancelled on the way out) and the next job id to use.
+    ccr_jobs: list[int] = field(default_factory=list)
+    next_job: int = 1
 
     def run_criu(self, args: list[str], log_name: str) -> float:
         work = self.scratch / "work"
@@ -297,19 +318,22 @@ class Bench:
             raise RuntimeError(f"criu {args[0]} failed ({proc.returncode}):\n" + "\n".join(tail))
         return took
 
-    def start_target(self, size: int, kind: str) -> tuple[psutil.Process, Path]:
+    def target_argv(self, size: int, kind: str, tag: str) -> tuple[list[str], Path]:
         script = self.scratch / "target.py"
         script.write_text(TARGET)
-        output = self.scratch / f"target-{size_label(size)}-{kind}.out"
+        output = self.scratch / f"target-{size_label(size)}-{kind}{tag}.out"
         output.write_text("")
+        return [sys.executable, str(script), str(size), kind, str(output)], output
+
+    def start_target(self, size: int, kind: str) -> tuple[psutil.Process, Path]:
+        argv, output = self.target_argv(size, kind, "")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MiB), OMP_NUM_THREADS="1")
         with (self.scratch / "launcher.log").open("a") as out:
             # A PID namespace of its own, so CRIU dumps and restores it whole with fresh PIDs.
             # No --kill-child: CRIU would restore its parent-death signal, which fires as soon
             # as CRIU exits.
             launcher = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "setsid"]
-                + [sys.executable, str(script), str(size), kind, str(output)],
+                ["unshare", "--pid", "--fork", "setsid", *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -318,16 +342,76 @@ class Bench:
                 start_new_session=True,
             )
         self.started.append(psutil.Process(launcher.pid))
-        deadline = time.monotonic() + 600
-        while not output.read_text().startswith("ready"):
-            if launcher.poll() is not None:
-                raise RuntimeError(f"target exited early: {output.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("target did not fill its memory in 600 s")
-            time.sleep(0.05)
+        wait_ready(output, lambda: launcher.poll() is None)
         (init,) = psutil.Process(launcher.pid).children()
         self.started.append(init)
         return init, output
+
+    # --- ccr through its CLI ---------------------------------------------------------------
+
+    @property
+    def ccr_home(self) -> Path:
+        return self.storage / "ccr"
+
+    def ccr(self, args: list[str]) -> tuple[float, object]:
+        """Run `python -m ccr ARGS --json` in the private state dir: (wall seconds, JSON)."""
+        env = dict(
+            os.environ,
+            CCR_STATE_DIR=str(self.ccr_home / "state"),
+            CCR_CRIU=self.criu,
+            MALLOC_MMAP_THRESHOLD_=str(MiB),
+            OMP_NUM_THREADS="1",
+        )
+        env.pop("CCR_COMPRESS", None)
+        began = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "ccr", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=self.ccr_home / "cwd",
+            env=env,
+        )
+        took = time.monotonic() - began
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"ccr {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
+        return took, json.loads(proc.stdout) if "--json" in args else proc.stdout
+
+    def start_ccr_target(self, size: int, kind: str) -> tuple[int, psutil.Process, Path]:
+        """`ccr run --detach` the target: (job id, the step's init, the target's output)."""
+        for sub in ("state", "cwd", "images"):
+            (self.ccr_home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        job = self.next_job
+        self.next_job += 1
+        argv, output = self.target_argv(size, kind, f"-ccr{job}")
+        images = str(self.ccr_home / "images")
+        self.ccr(["run", "--detach", "--job-id", str(job), "--checkpoint-dir", images, "--", *argv])
+        self.ccr_jobs.append(job)
+        init = self.adopt_ccr_step(job)
+        wait_ready(output, init.is_running)
+        return job, init, output
+
+    def adopt_ccr_step(self, job: int) -> psutil.Process:
+        """The live init of job's step 0 (its supervisor and tree noted for the final kill)."""
+        _, status = self.ccr(["status", str(job), "--json"])
+        (step,) = status["steps"]  # type: ignore[index]
+        for pid in (step["supervisor_pid"], step["init_pid"]):
+            try:
+                self.started.append(psutil.Process(pid))
+            except (psutil.NoSuchProcess, TypeError):
+                pass
+        return psutil.Process(step["init_pid"])
+
+    def cancel_ccr_jobs(self) -> None:
+        for job in self.ccr_jobs:
+            try:
+                self.ccr(["cancel", str(job)])
+            except RuntimeError as exc:  # a job whose tree raw CRIU took over has no live step
+                log(f"ccr cancel {job}: {str(exc).splitlines()[-1][-200:]}")
+        self.ccr_jobs.clear()
+        reap_zombies()
 
     def dump(self, target: psutil.Process, images: Path) -> tuple[float, float]:
         """Dump (and kill) target into images: (wall seconds, CRIU's frozen_time)."""
@@ -369,9 +453,38 @@ def reap(proc: psutil.Process) -> None:
         pass
 
 
+def reap_zombies() -> None:
+    """Collect children that ended (ccr's supervisors, re-parented to us as subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def wait_ready(output: Path, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 600
+    while not output.read_text().startswith("ready"):
+        if not alive():
+            raise RuntimeError(f"target exited early: {output.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("target did not fill its memory in 600 s")
+        time.sleep(0.05)
+
+
+def payload(root: psutil.Process) -> psutil.Process:
+    """The target program in root's tree: root itself, or the child of ccr's dumb-init."""
+    for proc in [root, *root.children(recursive=True)]:
+        if any(arg.endswith("target.py") for arg in proc.cmdline()):
+            return proc
+    raise RuntimeError(f"no target program under pid {root.pid}")
+
+
 def target_crc(target: psutil.Process, output: Path) -> int:
     before = output.read_text().count("\n")
-    target.send_signal(signal.SIGUSR1)
+    payload(target).send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 120
     while True:
         lines = output.read_text().splitlines()
@@ -392,6 +505,9 @@ class Sample:
     restart: float
     image: int
     stored: int
+    # ccr rows only: wall time of the `ccr create` call, and the restore_time ccr reports.
+    cli_ckpt: float = math.nan
+    restore: float = math.nan
 
 
 def cycle(
@@ -401,9 +517,10 @@ def cycle(
     stage = bench.scratch / f"stage-{tag}"
     storage = bench.storage / f"{tag}-{variant}"
     fresh_dir(storage)
-    if variant == "criu":
+    if variant in ("criu", RAW_ON_CCR):
         began = time.monotonic()
         _, frozen = bench.dump(target, storage)
+        reap_zombies()  # criu@ccr: ccr's supervisor ends with the tree it lost
         fsync_tree(storage)
         ckpt = time.monotonic() - began
         image = stored = dir_bytes(storage)
@@ -427,6 +544,47 @@ def cycle(
         shutil.rmtree(stage)
     shutil.rmtree(storage)
     return Sample(frozen, ckpt, restart, image, stored), root
+
+
+def ccr_cycle(bench: Bench, variant: str, job: int) -> tuple[Sample, psutil.Process]:
+    """`ccr create --stop` then `ccr restart` of job's step 0; returns the restored init."""
+    ref = f"{job}.0"
+    cli_ckpt, made = bench.ccr(
+        ["create", ref, "--stop", "--compress", CCR_VARIANTS[variant], "--json"]
+    )
+    assert isinstance(made, dict)
+    reap_zombies()  # the vacated step's supervisor has exited
+    evict(Path(made["path"]))
+    restart, restored = bench.ccr(["restart", ref, "--json"])
+    assert isinstance(restored, list)
+    (result,) = restored
+    root = bench.adopt_ccr_step(job)
+    if root.pid != result["pid"]:
+        raise RuntimeError(f"ccr restarted {ref} as pid {result['pid']}, status says {root.pid}")
+    sample = Sample(
+        frozen=made["frozen_time"],
+        ckpt=made["total_time"],
+        restart=restart,
+        image=made["image_bytes"],
+        stored=made["stored_bytes"],
+        cli_ckpt=cli_ckpt,
+        restore=result["restore_time"],
+    )
+    return sample, root
+
+
+@dataclass
+class Live:
+    """One target process tree of a series, and the CRC32 it must keep."""
+
+    root: psutil.Process
+    output: Path
+    crc: int
+    job: int | None = None
+
+
+def group_of(variant: str) -> str:
+    return "ccr" if variant in CCR_VARIANTS else "raw@ccr" if variant == RAW_ON_CCR else "plain"
 
 
 @dataclass
@@ -476,24 +634,43 @@ def series(
     bench: Bench, size: int, kind: str, variants: list[str], reps: int, cli_levels: list[int]
 ) -> tuple[dict[str, list[Sample]], dict[int, CliSample]]:
     tag = f"{size_label(size)}-{kind}"
-    log(f"{tag}: starting the target")
-    target, output = bench.start_target(size, kind)
-    first_crc = int(output.read_text().split()[1])
+    # One tree per kind of launch, all with the same payload: the plain variants cycle a
+    # target of our own, criu@ccr one that `ccr run` launched (ccr loses it at its first
+    # raw dump), the ccr rows one that ccr supervises throughout.
+    lives: dict[str, Live] = {}
+    for group in dict.fromkeys(map(group_of, variants)):
+        log(f"{tag}: starting the {group} target")
+        if group == "plain":
+            root, output = bench.start_target(size, kind)
+            job = None
+        else:
+            job, root, output = bench.start_ccr_target(size, kind)
+        lives[group] = Live(root, output, int(output.read_text().split()[1]), job)
     samples: dict[str, list[Sample]] = {v: [] for v in variants}
     for rep in range(reps):
         # Rotate the order: the first dump after a fill or a long compression pays for
         # memory the VM handed back to the host (perf-baselines.md §0.7).
         order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
         for variant in order:
-            sample, target = cycle(bench, variant, target, tag)
+            live = lives[group_of(variant)]
+            if live.job is not None and variant in CCR_VARIANTS:
+                sample, live.root = ccr_cycle(bench, variant, live.job)
+            else:
+                sample, live.root = cycle(bench, variant, live.root, tag)
             samples[variant].append(sample)
+            extra = (
+                f" (create call {sample.cli_ckpt:.2f}s, restore_time {sample.restore:.2f}s)"
+                if variant in CCR_VARIANTS
+                else ""
+            )
             log(
                 f"{tag} rep {rep + 1} {variant}: frozen {sample.frozen:.2f}s "
                 f"ckpt {sample.ckpt:.2f}s restart {sample.restart:.2f}s "
-                f"stored {sample.stored / MiB:.0f}/{sample.image / MiB:.0f} MiB"
+                f"stored {sample.stored / MiB:.0f}/{sample.image / MiB:.0f} MiB{extra}"
             )
     cli: dict[int, CliSample] = {}
-    if cli_levels:
+    if cli_levels and "plain" in lives:
+        target = lives["plain"].root
         stage = fresh_dir(bench.scratch / f"stage-{tag}")
         bench.dump(target, stage)
         pages = max(files_of(stage), key=lambda p: p.stat().st_size)
@@ -504,13 +681,18 @@ def series(
                 f"{tag} zstd-{level} python vs CLI: compress {c.py_comp:.0f} vs "
                 f"{c.cli_comp:.0f} MB/s, decompress {c.py_decomp:.0f} vs {c.cli_decomp:.0f} MB/s"
             )
-        _, target = bench.restore(stage)
+        _, lives["plain"].root = bench.restore(stage)
         shutil.rmtree(stage)
-    crc = target_crc(target, output)
-    if crc != first_crc:
-        raise RuntimeError(f"{tag}: memory changed across dump/restore ({first_crc} != {crc})")
-    log(f"{tag}: memory CRC32 intact after every cycle")
+    for group, live in lives.items():
+        crc = target_crc(live.root, live.output)
+        if crc != live.crc:
+            raise RuntimeError(
+                f"{tag} ({group} target): memory changed across dump/restore ({live.crc} != {crc})"
+            )
+    log(f"{tag}: memory CRC32 intact after every cycle ({', '.join(lives)} targets)")
+    bench.cancel_ccr_jobs()
     bench.kill_all()
+    reap_zombies()
     return samples, cli
 
 
@@ -528,22 +710,30 @@ def render(
 ) -> str:
     lines = [*header, ""]
     lines += [
-        "| payload | kind | variant | frozen s | ckpt total s | restart s | stored MiB | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| payload | kind | variant | frozen s | ckpt total s | restart s | stored MiB | ratio "
+        "| ccr create call s / restore_time s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    verdicts = []
     for (size, kind), samples in results.items():
         med = {
             v: Sample(*(median([getattr(s, f) for s in ss]) for f in Sample.__dataclass_fields__))
             for v, ss in samples.items()
         }
-        floor = med.get("criu")
         for variant, m in med.items():
-            ref = floor or m
+            # Like with like: ccr's rows against raw CRIU on a ccr-launched tree.
+            floor = med.get(RAW_ON_CCR) if variant in CCR_VARIANTS else None
+            ref = floor or med.get("criu") or m
+            extra = f"{m.cli_ckpt:.2f} / {m.restore:.2f}" if not math.isnan(m.cli_ckpt) else "-"
             lines.append(
                 f"| {size_label(size)} | {kind} | {variant} | {cell(m.frozen, ref.frozen)} "
                 f"| {cell(m.ckpt, ref.ckpt)} | {cell(m.restart, ref.restart)} "
-                f"| {cell(m.stored / MiB, ref.stored / MiB, 0)} | {m.image / m.stored:.2f}x |"
+                f"| {cell(m.stored / MiB, ref.stored / MiB, 0)} | {m.image / m.stored:.2f}x "
+                f"| {extra} |"
             )
+        verdicts += targets(size_label(size), kind, med)
+    if verdicts:
+        lines += ["", "Targets (issue): " + "; ".join(verdicts) + "."]
     if any(clis.values()):
         lines += [
             "",
@@ -561,6 +751,27 @@ def render(
                     f"{c.cli_comp:.0f} | {c.py_decomp:.0f} | {c.cli_decomp:.0f} | {c.ratio:.2f}x |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def targets(label: str, kind: str, med: dict[str, Sample]) -> list[str]:
+    """The issue's targets: ccr-none frozen <= 1.10x raw CRIU's; compressed restart <= 1.5x."""
+    out = []
+    none, zstd = med.get("ccr-none"), med.get("ccr-zstd1")
+    floor = med.get(RAW_ON_CCR) or med.get("criu")
+    if none and floor:
+        x = none.frozen / floor.frozen
+        name = RAW_ON_CCR if RAW_ON_CCR in med else "criu"
+        out.append(
+            f"{label} {kind} ccr-none frozen ×{x:.2f} of {name} "
+            f"({'met' if x <= 1.10 else 'MISSED'}, ≤1.10)"
+        )
+    if none and zstd:
+        x, y = zstd.restart / none.restart, zstd.restore / none.restore
+        out.append(
+            f"{label} {kind} ccr-zstd1 restart ×{x:.2f} of ccr-none's "
+            f"({'met' if x <= 1.5 else 'MISSED'}, ≤1.5; restore_time alone ×{y:.2f})"
+        )
+    return out
 
 
 def environment(bench: Bench, reps: int) -> list[str]:
@@ -582,6 +793,9 @@ def environment(bench: Bench, reps: int) -> list[str]:
         f"scratch {bench.scratch}. frozen = CRIU frozen_time; ckpt total = dump + store; "
         "restart = unpack + `criu restore`; (×N) = multiple of raw CRIU's figure; "
         "ratio = image bytes / stored bytes.",
+        f"criu@ccr = raw CRIU on a tree `ccr run` launched; ccr-* rows = `ccr create --stop "
+        f"--json` (frozen_time, total_time) and the wall time of `ccr restart`, (×N) of "
+        f"criu@ccr's; private CCR_STATE_DIR and ImageDir under {bench.storage}/ccr.",
     ]
 
 
@@ -616,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke run under 60 s: 64M and 256M, realistic only, one repetition, "
         "CLI row for 256M only",
     )
+    parser.add_argument(
+        "--variants", help="only these rows, e.g. criu,criu@ccr,ccr-none,ccr-zstd1 (default all)"
+    )
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/ccrbench"))
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm/ccrbench"))
@@ -631,7 +848,12 @@ def main(argv: list[str] | None = None) -> int:
     if set(kinds) - {"random", "realistic"}:
         parser.error("--kinds takes random and/or realistic")
     variants = ["criu", "none"] + [f"zstd-{int(lv)}" for lv in args.levels.split(",") if lv]
-    variants += ["gzip-6", "lz4"]
+    variants += ["gzip-6", "lz4", RAW_ON_CCR, *CCR_VARIANTS]
+    if args.variants:
+        wanted = [v for v in args.variants.split(",") if v]
+        if set(wanted) - set(variants):
+            parser.error(f"--variants takes some of {','.join(variants)}")
+        variants = [v for v in variants if v in wanted]
     cli_levels = [int(lv) for lv in args.cli_levels.split(",") if lv]
     if cli_levels and not shutil.which("zstd"):
         sys.exit("the zstd CLI is missing: apt-get install -y zstd (or --cli-levels '')")
@@ -653,7 +875,11 @@ def main(argv: list[str] | None = None) -> int:
                     bench, size, kind, variants, args.reps, cli
                 )
     finally:
-        bench.kill_all()
+        try:
+            bench.cancel_ccr_jobs()
+        finally:
+            bench.kill_all()
+            reap_zombies()
         shutil.rmtree(args.scratch, ignore_errors=True)
         shutil.rmtree(args.storage, ignore_errors=True)
     table = render(results, clis, environment(bench, args.reps))
