@@ -134,6 +134,8 @@ def test_sigkill_of_ccr_mid_dump(ccr: Ccr, mode: str) -> None:
     ccr.run("verify", str(ccr.work / "64.0.ckpt"))
     ccr.run("create", "64.0")
     assert not staging_dirs(ccr.work)
+    dead = [p for p in Path("/dev/shm").glob(".ccr-*") if f"-{victim.pid}-" in p.name]
+    assert dead == [], dead  # no raw images of the killed ccr left in RAM
     assert (ccr.work / "64.0.ckpt").resolve().name == "64.0.ckpt.2"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from ccr import config
 from ccr.engines.criu import Criu
-from ccr.errors import MaxWaitExceeded
+from ccr.locking import exclusive_lock
 from ccr.storage.manifest import ManifestKey
 from ccr.storage.registry import Registry
 
@@ -54,20 +53,6 @@ class Runtime:
         """Serialize checkpoints of one job; wait at most max_wait seconds for the lock."""
         locks = self.state_dir / "locks"
         locks.mkdir(exist_ok=True, mode=0o700)
-        fd = os.open(locks / f"job-{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = None if max_wait is None else time.monotonic() + max_wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise MaxWaitExceeded(
-                            f"another checkpoint of job {job_id} is still running "
-                            f"after MaxWait={max_wait:g}s"
-                        ) from None
-                    time.sleep(0.05)
+        busy = f"another checkpoint of job {job_id} is still running"
+        with exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy):
             yield
-        finally:
-            os.close(fd)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import signal
@@ -18,6 +17,7 @@ from typing import Any
 
 from ccr.engines import process
 from ccr.errors import CcrError, CriuError, MaxWaitExceeded
+from ccr.locking import exclusive_lock
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -292,19 +292,8 @@ def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
         yield  # the dump itself will say what is wrong with pid
         return
     digest = hashlib.sha256(cwd.encode()).hexdigest()[:16]
-    fd = os.open(LOCK_DIR / f"ccr-criu-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise MaxWaitExceeded(
-                        f"another CRIU dump in {cwd} did not finish within MaxWait={timeout:g}s"
-                    ) from None
-                time.sleep(0.02)
+    busy = f"another CRIU dump in {cwd} is still running"
+    with exclusive_lock(LOCK_DIR / f"ccr-criu-{digest}.lock", timeout, busy):
         scratch = Path(cwd) / SCRATCH_NAME
         if scratch.is_dir():
             # Left by a CRIU killed mid-dump.  Only an empty, unmounted directory is removed:
@@ -314,8 +303,6 @@ def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
             except OSError:
                 pass
         yield
-    finally:
-        os.close(fd)
 
 
 def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child

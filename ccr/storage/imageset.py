@@ -182,6 +182,8 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     except OSError:
         pass
     candidates.append(fallback)
+    for base in candidates:
+        _clean_dead_scratch(base)
     last: OSError | None = None
     for base in candidates:
         try:
@@ -193,6 +195,24 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
             last = exc
     assert last is not None
     raise storage_error(fallback, last, "creating a scratch directory in")
+
+
+_SCRATCH = re.compile(r"^\.ccr-[a-z]+-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _clean_dead_scratch(base: Path) -> None:
+    """Remove scratch directories of ccr processes that died (SIGKILL) while using them.
+
+    In tmpfs they would otherwise hold as much RAM as the image they were staging.
+    """
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _SCRATCH.match(entry.name)
+        if match and not Path(f"/proc/{match.group('pid')}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def discard(staging: Path) -> None:
