@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from ccr.engines.compression import (  # noqa: E402 - after the sys.path fix-up 
     DEFAULT_LEVEL,
     SMALL_FILE,
     Codec,
+    HashingWriter,
     compress_dir,
     compress_file,
     decompress_dir,
@@ -192,26 +192,6 @@ def median(values: list[float]) -> float:
 # --- codecs for the comparison (ccr's own compress_dir covers none and zstd) ---------------
 
 
-class HashingSink:
-    """A write-only file object: writes to fd, hashing (as compress_dir does) on the way."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        self.digest.update(view)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        self.size += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
 def stream_pack(src_dir: Path, dst_dir: Path, suffix: str, pack: Callable) -> list[FileEntry]:
     """compress_dir's policy (small files raw, fsync everything) with another codec."""
     entries = []
@@ -221,7 +201,7 @@ def stream_pack(src_dir: Path, dst_dir: Path, suffix: str, pack: Callable) -> li
         name = path.name if small else path.name + suffix
         fd = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            sink = HashingSink(fd)
+            sink = HashingWriter(fd)
             with path.open("rb", buffering=0) as src:
                 if small:
                     shutil.copyfileobj(src, sink, CHUNK)

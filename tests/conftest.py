@@ -52,6 +52,28 @@ def numbers(path: Path) -> list[int]:
     return [int(x) for x in text.split("\n")[:-1] if x.strip().lstrip("-").isdigit()]
 
 
+def run_ccr(
+    args: tuple[str, ...], *, cwd: Path, env: dict[str, str], check: bool, timeout: float, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m ccr ARGS`; with check, a non-zero exit fails the test with its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccr", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"ccr {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc
+
+
 @dataclass
 class Ccr:
     """Runs the ccr CLI against a private state dir and work dir."""
@@ -64,22 +86,9 @@ class Ccr:
     def run(
         self, *args: str, check: bool = True, timeout: float = 180, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "ccr", *args],
-            cwd=kw.pop("cwd", self.work),
-            env=kw.pop("env", self.env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            **kw,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"ccr {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
-            )
-        return proc
+        cwd = kw.pop("cwd", self.work)
+        env = kw.pop("env", self.env)
+        return run_ccr(args, cwd=cwd, env=env, check=check, timeout=timeout, **kw)
 
     def popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
         """Start a foreground `ccr ...` (a supervisor) that the fixture kills at teardown."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, criu_works, numbers, wait_for
+from conftest import COUNTER, criu_works, numbers, run_ccr, wait_for
 
 from tests.slurm_cluster import FINAL_STATES, SlurmCluster, slurm_cluster  # noqa: F401
 
@@ -41,20 +41,7 @@ class Dist:
     downed: list[str] = field(default_factory=list)
 
     def ccr(self, *args: str, check: bool = True, env: dict[str, str] | None = None, timeout=120):
-        proc = subprocess.run(
-            [PY, "-m", "ccr", *args],
-            cwd=self.work,
-            env=env or self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"ccr {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
+        return run_ccr(args, cwd=self.work, env=env or self.env, check=check, timeout=timeout)
 
     def submit(self, *sbatch_args: str, body: str | None = None, header: str = "") -> int:
         body = body or f"srun {PY} -m ccr run -- {PY} {self.work}/counter.py 0.1\n"

@@ -228,7 +228,7 @@ def _compress(
             )
             fd = _create(dst)
             try:
-                sink = _HashingWriter(fd)
+                sink = HashingWriter(fd)
                 # The pledged size goes into the frame header: the decoder then checks it.
                 raw, _ = cctx.copy_stream(
                     _io(source), _io(sink), size=size, read_size=_CHUNK, write_size=_CHUNK
@@ -390,7 +390,7 @@ def _check_name(name: str, directory: Path) -> None:
         raise IntegrityError(f"checkpoint {directory} lists a bad file name {name!r}")
 
 
-class _HashingWriter:
+class HashingWriter:
     """copy_stream's sink for compression: writes to fd, hashing and counting on the way."""
 
     def __init__(self, fd: int) -> None:
