@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from ccr.engines.compression import (
     DEFAULT_LEVEL,
+    FRAME_SIZE,
     MAX_LEVEL,
     MIN_LEVEL,
     SMALL_FILE,
+    WORKERS,
     Codec,
     compress_dir,
     compress_file,
@@ -32,7 +34,9 @@ from ccr.storage.manifest import FileEntry
 
 BLOCK = zstandard.BLOCKSIZE_MAX  # 128 KiB: sizes around it cross zstd's block boundaries
 # Around 0, one block, one multi-threaded job (2 MiB at level 1) and several of each.
-SIZES = [0, 1, 100, 4095, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, (2 << 20) + 5, 9 << 20]
+# ... and around ccr's frame size (one frame per FRAME_SIZE raw bytes).
+SIZES = [0, 1, 100, 4095, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, (2 << 20) + 5]
+SIZES += [FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 2 * FRAME_SIZE + BLOCK + 3]
 
 
 def random_bytes(size: int, seed: int = 0) -> bytes:
@@ -162,24 +166,74 @@ def test_round_trip(tmp_path: Path, size: int, kind: str) -> None:
     assert mode(packed) == 0o600 and mode(out) == 0o600
 
 
-@pytest.mark.parametrize("size", [0, BLOCK + 1, (2 << 20) + 5])
-def test_frames_carry_checksum_and_size(tmp_path: Path, size: int) -> None:
-    src = write(tmp_path / "a", compressible_bytes(size))
+def frames_of(blob: bytes) -> list[tuple[zstandard.FrameParameters, bytes]]:
+    """Each zstd frame of blob, decoded on its own: (its header's parameters, its content)."""
+    frames = []
+    while blob:
+        params = zstandard.get_frame_parameters(blob)
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        frames.append((params, dobj.decompress(blob)))
+        blob = dobj.unused_data
+    return frames
+
+
+@pytest.mark.parametrize("size", [0, BLOCK + 1, FRAME_SIZE, FRAME_SIZE + 1, 3 * FRAME_SIZE - 5])
+def test_frames_are_independent_sized_and_checksummed(tmp_path: Path, size: int) -> None:
+    data = compressible_bytes(size)
+    src = write(tmp_path / "a", data)
     compress_file(src, tmp_path / "a.zst", DEFAULT_LEVEL)
-    blob = (tmp_path / "a.zst").read_bytes()
-    params = zstandard.get_frame_parameters(blob)
-    assert params.has_checksum
-    assert params.content_size == size
-    # One frame: a multi-threaded compressor still writes a single frame per file.
-    assert blob.count(zstandard.MAGIC_NUMBER.to_bytes(4, "little")) >= 1
-    assert zstandard.ZstdDecompressor().decompress(blob) == src.read_bytes()
+    frames = frames_of((tmp_path / "a.zst").read_bytes())
+    # One frame per FRAME_SIZE raw bytes (an empty file: one empty frame), each decodable
+    # alone: that is what lets a restore decode them on every core.
+    assert len(frames) == max(1, -(-size // FRAME_SIZE))
+    for i, (params, content) in enumerate(frames):
+        assert params.has_checksum
+        assert params.content_size == len(content)
+        assert content == data[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
 
 
-@pytest.mark.parametrize(("level", "threads"), [(1, 0), (3, 1), (19, -1), (-5, -1), (22, 0)])
-def test_other_levels_and_thread_counts(tmp_path: Path, level: int, threads: int) -> None:
+def test_frames_cost_little_ratio(tmp_path: Path) -> None:
+    data = compressible_bytes(3 * FRAME_SIZE, 11)
+    src = write(tmp_path / "a", data)
+    size, _ = compress_file(src, tmp_path / "a.zst", DEFAULT_LEVEL)
+    whole = len(zstandard.ZstdCompressor(level=DEFAULT_LEVEL).compress(data))
+    assert size < whole * 1.01
+
+
+@pytest.mark.parametrize("how", ["unsized", "oversized"])
+def test_single_stream_files_still_decode(tmp_path: Path, how: str) -> None:
+    # Files of one big frame (ccr before it cut frames, or the zstd CLI), or of frames that
+    # do not state their size, are decoded as a stream rather than held in memory.
+    if how == "unsized":
+        data = compressible_bytes(FRAME_SIZE + 3 * BLOCK, 12)
+    else:
+        data = bytes(40 << 20) + random_bytes(25 << 20, 13) + b"tail"
+    packed = tmp_path / "a.zst"
+    with packed.open("wb") as fh:
+        cctx = zstandard.ZstdCompressor(level=1, write_checksum=True)
+        if how == "unsized":
+            with cctx.stream_writer(fh, closefd=False) as writer:
+                writer.write(data)
+        else:
+            fh.write(cctx.compress(data))
+    params = zstandard.get_frame_parameters(packed.read_bytes()[:18])
+    assert params.content_size == (
+        len(data) if how == "oversized" else zstandard.CONTENTSIZE_UNKNOWN
+    )
+    assert decompress_file(packed, tmp_path / "out") == len(data)
+    assert (tmp_path / "out").read_bytes() == data
+    # Truncation is still seen on this path.
+    write(packed, packed.read_bytes()[:-2])
+    with pytest.raises(IntegrityError, match="truncated"):
+        decompress_file(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("level", [1, 3, 19, -5, 22])
+def test_other_levels(tmp_path: Path, level: int) -> None:
     data = compressible_bytes(3 * BLOCK)
     src = write(tmp_path / "a", data)
-    compress_file(src, tmp_path / "a.zst", level, threads=threads)
+    compress_file(src, tmp_path / "a.zst", level)
     assert decompress_file(tmp_path / "a.zst", tmp_path / "b") == len(data)
     assert (tmp_path / "b").read_bytes() == data
 
@@ -316,7 +370,7 @@ def make_image_dir(directory: Path) -> dict[str, bytes]:
         "empty.img": b"",
         "just-small.img": compressible_bytes(SMALL_FILE - 1, 3),
         "just-big.img": compressible_bytes(SMALL_FILE, 4),
-        "pages-1.img": compressible_bytes(5 << 20, 5),
+        "pages-1.img": compressible_bytes(FRAME_SIZE + (5 << 20), 5),  # two frames
         "pages-2.img": random_bytes((1 << 20) + 3, 6),
     }
     for name, data in files.items():
@@ -348,7 +402,7 @@ def test_dir_round_trip_zstd(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(by_name)
     total = sum(len(d) for d in files.values())
     assert seen == sorted(seen) and seen[-1] == total
-    assert by_name["pages-1.img.zst"].size < (5 << 20) / 2
+    assert by_name["pages-1.img.zst"].size < (FRAME_SIZE + (5 << 20)) / 2
 
     progress: list[int] = []
     decompress_dir(tmp_path / "store", tmp_path / "restore", entries, progress.append)
@@ -403,17 +457,28 @@ def test_decompress_dir_checks_the_manifest_hash(tmp_path: Path) -> None:
     decompress_dir(tmp_path / "store", tmp_path / "restore2", entries, verify=False)
 
 
-@pytest.mark.parametrize("what", ["truncate", "flip", "missing", "raw-size", "small"])
+@pytest.mark.parametrize(
+    "what", ["truncate", "flip", "flip-2nd-frame", "cut-at-frame", "missing", "raw-size", "small"]
+)
 def test_decompress_dir_reports_damage(tmp_path: Path, what: str) -> None:
     make_image_dir(tmp_path / "dump")
     entries = compress_dir(tmp_path / "dump", tmp_path / "store", Codec("zstd", 1))
     pages = tmp_path / "store" / "pages-1.img.zst"
     if what == "truncate":
         write(pages, pages.read_bytes()[:-3])
-    elif what == "flip":
+    elif what in ("flip", "flip-2nd-frame"):
         blob = bytearray(pages.read_bytes())
-        blob[1000] ^= 1
+        blob[-1000 if what == "flip-2nd-frame" else 1000] ^= 1
         write(pages, bytes(blob))
+    elif what == "cut-at-frame":
+        # A whole frame gone is invisible to zstd (the rest is well formed): the manifest
+        # catches it.
+        blob = pages.read_bytes()
+        first = frames_of(blob)[0][1]
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        assert dobj.decompress(blob) == first
+        keep = len(blob) - len(dobj.unused_data)
+        write(pages, blob[:keep])
     elif what == "missing":
         pages.unlink()
     elif what == "raw-size":
@@ -495,7 +560,8 @@ def test_memory_stays_flat_on_512_mib(tmp_path: Path) -> None:
         for i in range(size >> 20):
             fh.write(noise[i:] + noise[:i] if i % 2 else zeros)
     del noise, zeros
-    limit = 64 << 20
+    # Bounded by what is in flight (a few frames per worker), not by the file's size.
+    limit = (16 << 20) + 3 * FRAME_SIZE * WORKERS
     with PeakRss() as packing:
         csize, _ = compress_file(src, tmp_path / "p.zst", DEFAULT_LEVEL)
     assert csize < size * 0.6
