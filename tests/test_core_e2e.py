@@ -271,6 +271,8 @@ def vacate(ccr: Ccr, ref: str) -> dict[str, Any]:
 def restart(ccr: Ccr, ref: str) -> list[dict[str, Any]]:
     results = json_out(ccr.run("restart", ref, "--json"))
     assert isinstance(results, list) and results
+    for res in results:
+        assert 0 <= res["unpack_time"] <= res["restore_time"]
     return results
 
 
@@ -319,6 +321,7 @@ def test_single_process_memory_state_continues(ccr: Ccr) -> None:
     [res] = restart(ccr, step)
     assert res["step"] == step
     assert Path(res["checkpoint"]) == link.resolve()
+    assert res["unpack_time"] > 0  # compressed by default: decompressed before CRIU ran
     wait_lines(out, at_checkpoint + 15)
 
     info = ccr.step(step)

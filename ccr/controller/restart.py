@@ -60,6 +60,8 @@ class RestartResult:
     supervisor_pid: int
     checkpoint: Path
     restore_time: float
+    # Of restore_time, the part spent decompressing (and verifying) the stored images.
+    unpack_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class RestartResult:
             "supervisor_pid": self.supervisor_pid,
             "checkpoint": str(self.checkpoint),
             "restore_time": round(self.restore_time, 4),
+            "unpack_time": round(self.unpack_time, 4),
         }
 
 
@@ -219,12 +222,14 @@ def restore_into(
         if packed
         else image.path
     )
+    unpacked = began
     try:
         if packed:
             # Decompression checks every file's SHA-256 and zstd checksum before CRIU
             # sees a byte: a corrupted image restores nothing.
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
                 decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)
+            unpacked = time.monotonic()
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise MaxWaitExceeded(
@@ -260,7 +265,14 @@ def restore_into(
         started=time.time(),
     )
     supervisor.start_restored(result.pid, record)
-    return RestartResult(image.step, result.pid, os.getpid(), image.path, time.monotonic() - began)
+    return RestartResult(
+        image.step,
+        result.pid,
+        os.getpid(),
+        image.path,
+        time.monotonic() - began,
+        unpacked - began,
+    )
 
 
 def _in_job(image: StepImage) -> bool:
@@ -295,6 +307,7 @@ def restart(
                 int(message["supervisor_pid"]),
                 image.path,
                 float(message["restore_time"]),
+                float(message.get("unpack_time", 0.0)),
             )
         )
     return results

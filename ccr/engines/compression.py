@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import os
 import re
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import IO, BinaryIO, cast
 import zstandard
 
 from ccr.errors import IntegrityError, StorageError, UsageError
+from ccr.storage.hashing import ThreadedSha256
 from ccr.storage.manifest import FileEntry
 
 # Level 1 with threads=-1 (perf-baselines.md §3, scripts/bench.py): on training-like pages it
@@ -40,9 +42,9 @@ FRAME_SIZE = 8 << 20
 # Frames stating more (or no) content size are decoded as a stream, not in memory: files
 # written before ccr cut frames (one frame per file), or by other zstd tools.
 _MAX_FRAME = 64 << 20
-# Reads while unpacking: large enough that Python's per-call cost vanishes, small enough
-# that memory stays flat.
-_CHUNK = 1 << 20
+# Reads while unpacking or copying: large enough that Python's per-call cost vanishes,
+# small enough that memory stays flat.
+_CHUNK = 4 << 20
 
 Progress = Callable[[int], None]
 
@@ -92,7 +94,8 @@ def compress_file(src: Path, dst: Path, level: int) -> tuple[int, str]:
     Returns the compressed size and the SHA-256 of the compressed bytes, both taken while
     writing.  On failure dst is removed and StorageError raised.
     """
-    _, size, digest = _compress(src, dst, level, None)
+    with _frame_buffers_reused():
+        _, size, digest = _compress(src, dst, level, None)
     return size, digest
 
 
@@ -102,7 +105,8 @@ def decompress_file(src: Path, dst: Path) -> int:
     A corrupted or truncated src raises IntegrityError naming it; dst is then removed.
     dst is not fsync'd: restores unpack into scratch space that a crash makes moot.
     """
-    return _decompress(src, dst, None, None)
+    with _frame_buffers_reused():
+        return _decompress(src, dst, None, None)
 
 
 def compress_dir(
@@ -137,7 +141,8 @@ def compress_dir(
             raise StorageError(f"cannot store both {name} and {path.name} in {dst_dir}")
         taken.add(name)
         if packed:
-            raw_size, size, digest = _compress(path, dst_dir / name, codec.level, report)
+            with _frame_buffers_reused():
+                raw_size, size, digest = _compress(path, dst_dir / name, codec.level, report)
             entries.append(FileEntry(name, size, digest, raw_size=raw_size, codec="zstd"))
         else:
             size, digest = _copy(path, dst_dir / name, None, report)
@@ -197,7 +202,8 @@ def decompress_dir(
         for entry, src, dst in plan:
             expect = entry if verify else None
             if entry.codec == "zstd":
-                raw = _decompress(src, dst, expect, report)
+                with _frame_buffers_reused():
+                    raw = _decompress(src, dst, expect, report)
                 if verify and raw != entry.raw_size:
                     raise IntegrityError(
                         f"checkpoint file {src} unpacks to {raw} bytes, manifest says "
@@ -222,7 +228,7 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
     """
     local = threading.local()
 
-    def pack(piece: bytes) -> bytes:
+    def pack(piece: memoryview) -> bytes:
         cctx = getattr(local, "cctx", None)
         if cctx is None:  # a compression context is not thread-safe: one per worker
             cctx = local.cctx = zstandard.ZstdCompressor(
@@ -230,31 +236,42 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
             )
         return cast(bytes, cctx.compress(piece))
 
+    # Pieces are read into a few reused buffers: a fresh 8 MiB object per piece would cost
+    # page faults (and, on a VM, memory the host must hand back) for every frame.
+    spare = [bytearray(FRAME_SIZE) for _ in range(WORKERS + 1)]
     raw = 0
     try:
         with src.open("rb", buffering=0) as ifh:
             fd = _create(dst)
             try:
-                sink = HashingWriter(fd)
-                with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-zstd") as pool:
-                    pending: deque[tuple[Future[bytes], int]] = deque()
+                with (
+                    HashingWriter(fd) as sink,
+                    ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-zstd") as pool,
+                ):
+                    pending: deque[tuple[Future[bytes], bytearray, int]] = deque()
                     try:
                         while True:
-                            piece = _read_full(ifh, FRAME_SIZE)
-                            if piece or raw == 0:  # an empty file still gets its empty frame
-                                pending.append((pool.submit(pack, piece), len(piece)))
-                                raw += len(piece)
-                            last = len(piece) < FRAME_SIZE
+                            buf = spare.pop()
+                            size = _read_into(ifh, buf)
+                            if size or raw == 0:  # an empty file still gets its empty frame
+                                piece = memoryview(buf)[:size]
+                                pending.append((pool.submit(pack, piece), buf, size))
+                                raw += size
+                            else:
+                                spare.append(buf)
+                            last = size < FRAME_SIZE
                             while pending and (len(pending) > WORKERS or last):
-                                future, size = pending.popleft()
+                                future, done, n = pending.popleft()
                                 sink.write(future.result())
-                                if report is not None and size:
-                                    report(size)
+                                spare.append(done)
+                                if report is not None and n:
+                                    report(n)
                             if last:
                                 break
                     finally:
-                        for future, _ in pending:
+                        for future, _, _ in pending:
                             future.cancel()
+                    digest = sink.hexdigest()
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -267,7 +284,7 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    return raw, sink.size, sink.digest.hexdigest()
+    return raw, sink.size, digest
 
 
 def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress | None) -> int:
@@ -279,18 +296,20 @@ def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress
     dst.  dst is not fsync'd: restores unpack into scratch space that a crash makes moot.
     """
     ifh = _open_source(src, stored=True)
+    source = _WalkingReader(ifh, expect is not None)
     try:
         with ifh:
             fd = _create(dst)
             try:
-                source = _WalkingReader(ifh, expect is not None)
                 try:
                     size = _unpack_frames(source, fd, report)
                 except _NotFramed:
+                    source.close()
                     ifh.seek(0)
                     os.ftruncate(fd, 0)
                     source = _WalkingReader(ifh, expect is not None)
                     size = _unpack_stream(source, fd, report)
+                digest = source.hexdigest()
             finally:
                 os.close(fd)
     except zstandard.ZstdError as exc:
@@ -302,12 +321,14 @@ def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+    finally:
+        source.close()
     walker = source.walker
     problem = None
     if walker.bad:  # reading stopped there, so the size and digest checks would mislead
         problem = f"compressed checkpoint file {src} is corrupted (bad zstd frame structure)"
-    if problem is None and expect is not None and source.digest is not None:
-        problem = _mismatch(src, expect, source.size, source.digest)
+    if problem is None and expect is not None and digest is not None:
+        problem = _mismatch(src, expect, source.size, digest)
     if problem is None and not walker.complete:
         # zstandard's streaming decoders stop quietly at the end of the input, mid-frame or
         # not (even before the checksum): only the frame walk tells a truncated file apart.
@@ -388,25 +409,23 @@ def _copy(
     Without expect (storing) dst is fsync'd; with expect (unpacking a stored file) size and
     SHA-256 are checked against it instead.
     """
-    digest = hashlib.sha256()
     size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     ifh = _open_source(src, stored=expect is not None)
     try:
-        with ifh:
+        with ifh, ThreadedSha256() as digest:
             fd = _create(dst)
             try:
-                while n := ifh.readinto(buf):
-                    digest.update(view[:n])
-                    _write_all(fd, view[:n])
-                    size += n
+                while chunk := ifh.read(_CHUNK):
+                    digest.update(chunk)
+                    _write_all(fd, memoryview(chunk))
+                    size += len(chunk)
                     if report is not None:
-                        report(n)
+                        report(len(chunk))
                 if expect is None:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            hexdigest = digest.hexdigest()
     except OSError as exc:
         dst.unlink(missing_ok=True)
         raise StorageError(f"cannot copy {src} to {dst}: {exc.strerror or exc}") from None
@@ -414,11 +433,11 @@ def _copy(
         dst.unlink(missing_ok=True)
         raise
     if expect is not None:
-        problem = _mismatch(src, expect, size, digest)
+        problem = _mismatch(src, expect, size, hexdigest)
         if problem is not None:
             dst.unlink(missing_ok=True)
             raise IntegrityError(problem)
-    return size, digest.hexdigest()
+    return size, hexdigest
 
 
 def _open_source(src: Path, stored: bool) -> FileIO:
@@ -432,11 +451,11 @@ def _open_source(src: Path, stored: bool) -> FileIO:
         raise StorageError(f"cannot read {src}: {exc.strerror or exc}") from None
 
 
-def _mismatch(src: Path, expect: FileEntry, size: int, digest: hashlib._Hash) -> str | None:
+def _mismatch(src: Path, expect: FileEntry, size: int, digest: str) -> str | None:
     # Same wording as manifest.verify_files, so users see one vocabulary.
     if size != expect.size:
         return f"checkpoint file {src} is {size} bytes, manifest says {expect.size} (truncated?)"
-    if digest.hexdigest() != expect.sha256:
+    if digest != expect.sha256:
         return f"checkpoint file {src} is corrupted (checksum mismatch)"
     return None
 
@@ -458,17 +477,13 @@ def _create(path: Path) -> int:
     return fd
 
 
-def _read_full(fh: FileIO, size: int) -> bytes:
-    """Up to size bytes; fewer only at the end of the file."""
-    data = fh.read(size) or b""
-    if len(data) < size and data:
-        parts = [data]
-        got = len(data)
-        while got < size and (more := fh.read(size - got)):
-            parts.append(more)
-            got += len(more)
-        data = b"".join(parts)
-    return data
+def _read_into(fh: FileIO, buf: bytearray) -> int:
+    """Fill buf from fh; fewer bytes only at the end of the file."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf) and (n := fh.readinto(view[got:])):
+        got += n
+    return got
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -497,19 +512,31 @@ def _check_name(name: str, directory: Path) -> None:
 
 
 class HashingWriter:
-    """copy_stream's sink for compression: writes to fd, hashing and counting on the way."""
+    """A sink for compressed output: writes to fd, hashing (on a thread) and counting.
+
+    hexdigest() ends the hashing thread; so does leaving it as a context manager.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.digest = hashlib.sha256()
+        self._digest = ThreadedSha256()
         self.size = 0
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        self.digest.update(view)
-        _write_all(self.fd, view)
-        self.size += len(view)
-        return len(view)
+        data = bytes(data) if not isinstance(data, bytes) else data
+        self._digest.update(data)
+        _write_all(self.fd, memoryview(data))
+        self.size += len(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._digest.__exit__(None, None, None)
 
 
 class _CountingWriter:
@@ -549,7 +576,7 @@ class _WalkingReader:
     def __init__(self, fh: BinaryIO, hashing: bool) -> None:
         self.fh = fh
         self.walker = _FrameWalker()
-        self.digest = hashlib.sha256() if hashing else None
+        self.digest = ThreadedSha256() if hashing else None
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -560,6 +587,13 @@ class _WalkingReader:
             if self.digest is not None:
                 self.digest.update(data)
         return data
+
+    def hexdigest(self) -> str | None:
+        return None if self.digest is None else self.digest.hexdigest()
+
+    def close(self) -> None:
+        if self.digest is not None:
+            self.digest.__exit__(None, None, None)
 
 
 _ZSTD_MAGIC = 0xFD2FB528
@@ -678,3 +712,55 @@ class _FrameWalker:
         if size is None or size > _MAX_FRAME:
             self.unsized = True
         self._state, self._need = "block", 3
+
+
+# glibc mallopt() parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_GLIBC_DEFAULT = 128 * 1024  # both thresholds' documented defaults
+
+
+@contextmanager
+def _frame_buffers_reused() -> Iterator[None]:
+    """Let glibc reuse freed frame buffers instead of unmapping and faulting them in again.
+
+    Each frame's (de)compressed output is a new object of up to FRAME_SIZE bytes.  glibc
+    serves those with a fresh mmap() and returns them with munmap(), so every frame pays
+    2048 page faults and zeroing (on this VM: memory the host may have reclaimed); that cost
+    measured 10-40% of compression throughput on incompressible pages.  Raising both
+    thresholds keeps them in the heap for the operation; afterwards malloc_trim() hands the
+    memory back (ccr's supervisors are long-lived) and the defaults return.  Elsewhere than
+    glibc this does nothing.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if mallopt is None or trim is None:
+        yield
+        return
+    with _TUNING_LOCK:
+        global _TUNED
+        if _TUNED == 0:
+            mallopt(_M_MMAP_THRESHOLD, 4 * FRAME_SIZE)
+            mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        _TUNED += 1
+    try:
+        yield
+    finally:
+        with _TUNING_LOCK:
+            _TUNED -= 1
+            if _TUNED == 0:
+                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+                trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_TUNING_LOCK = threading.Lock()
+_TUNED = 0

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ccr.errors import IntegrityError, StorageError
+from ccr.storage.hashing import file_sha256
 
 MANIFEST = "manifest.json"
 JOB_MANIFEST = "job.json"
 FORMAT = 1
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -99,14 +99,6 @@ class JobManifest:
     def from_dict(cls, data: dict[str, Any]) -> JobManifest:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_files(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list[FileEntry]:
