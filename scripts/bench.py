@@ -26,7 +26,7 @@ Columns: frozen time (CRIU's frozen_time: the application's downtime), checkpoin
 compression ratio, each time and size also as a multiple of raw CRIU's (for the ccr rows: of
 criu@ccr's).  For the ccr rows frozen and ckpt total are the figures `ccr create --json`
 reports (frozen_time, total_time), restart is the wall time of the whole `ccr restart` CLI
-call (manifest and SHA-256 checks, unpack, restore, hand-over to a supervisor), and an
+call (manifest and digest checks, unpack, restore, hand-over to a supervisor), and an
 extra column gives the wall time of the `ccr create` call and ccr's own restore_time (with, in
 brackets, its unpack_time: decompressing and verifying the stored images).  Every
 cell is the median over --reps.  The page cache of the stored files is dropped before each
@@ -725,8 +725,9 @@ def render(
     if any(clis.values()):
         lines += [
             "",
-            "python-zstandard (ccr's compress_file/decompress_file, threads=-1, fsync'd) vs "
-            "`zstd -T0 -L` CLI (+fsync) on the largest pages image; raw MB/s, median:",
+            "python-zstandard (ccr's compress_file/decompress_file: 8 MiB frames, a frame per "
+            "core, BLAKE3 of the output, fsync'd) vs `zstd -T0 -L` CLI (+fsync) on the largest "
+            "pages image; raw MB/s, median:",
             "",
             "| payload | kind | level | python compress | CLI compress | python decompress "
             "| CLI decompress | ratio |",

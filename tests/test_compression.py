@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import psutil
 import pytest
 import zstandard
@@ -158,7 +159,7 @@ def test_round_trip(tmp_path: Path, size: int, kind: str) -> None:
     csize, digest = compress_file(src, packed, DEFAULT_LEVEL)
     blob = packed.read_bytes()
     assert csize == len(blob)
-    assert digest == hashlib.sha256(blob).hexdigest()
+    assert digest == blake3.blake3(blob).hexdigest()
     if kind == "compressible" and size >= BLOCK:
         assert csize < size / 2
     assert decompress_file(packed, out) == size
@@ -396,7 +397,8 @@ def test_dir_round_trip_zstd(tmp_path: Path) -> None:
             assert entry.codec == "none"
         stored = tmp_path / "store" / entry.name
         assert entry.size == stored.stat().st_size
-        assert entry.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+        assert entry.algorithm == "blake3"
+        assert entry.digest == blake3.blake3(stored.read_bytes()).hexdigest()
         assert entry.raw_size == len(data)
         assert mode(stored) == 0o600
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(by_name)
@@ -483,7 +485,7 @@ def test_decompress_dir_reports_damage(tmp_path: Path, what: str) -> None:
         pages.unlink()
     elif what == "raw-size":
         entries = [
-            FileEntry(e.name, e.size, e.sha256, e.raw_size + 1, e.codec)
+            FileEntry(e.name, e.size, e.digest, e.raw_size + 1, e.codec)
             if e.name == pages.name
             else e
             for e in entries
@@ -570,3 +572,44 @@ def test_memory_stays_flat_on_512_mib(tmp_path: Path) -> None:
     with PeakRss() as unpacking:
         assert decompress_file(tmp_path / "p.zst", tmp_path / "out") == size
     assert unpacking.growth < limit, f"decompressing grew RSS by {unpacking.growth >> 20} MiB"
+
+
+def test_format_1_manifests_with_sha256_still_verify(tmp_path: Path) -> None:
+    from ccr.storage.manifest import (
+        MANIFEST,
+        StepManifest,
+        load_step_manifest,
+        verify_files,
+        write_signed,
+    )
+
+    files = make_image_dir(tmp_path / "dump")
+    entries = compress_dir(tmp_path / "dump", tmp_path / "store", Codec("zstd", 1))
+    manifest = StepManifest(
+        job_id=1, step_id=0, argv=["x"], cwd="/", output="/o", hostname="h", uid=0, gid=0,
+        root_pid=1, pids=[1], criu_version="4", created=0.0, leave_running=True, files=entries,
+    )  # fmt: skip
+    old = manifest.to_dict()
+    old["format"] = 1
+    for entry in old["files"]:  # what ccr wrote before BLAKE3: a "sha256" per file
+        del entry["digest"], entry["algorithm"]
+        entry["sha256"] = hashlib.sha256(
+            (tmp_path / "store" / entry["name"]).read_bytes()
+        ).hexdigest()
+    key = b"k" * 32
+    write_signed(tmp_path / "store" / MANIFEST, old, key)
+    loaded = load_step_manifest(tmp_path / "store", key)
+    assert {e.algorithm for e in loaded.files} == {"sha256"}
+    verify_files(tmp_path / "store", loaded)
+    decompress_dir(tmp_path / "store", tmp_path / "restore", loaded.files)
+    assert (tmp_path / "restore" / "pages-1.img").read_bytes() == files["pages-1.img"]
+    # ... and a wrong SHA-256 is still caught.
+    loaded.files[0].digest = "0" * 64
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        verify_files(tmp_path / "store", loaded)
+
+    newer = manifest.to_dict()
+    newer["format"] = 99
+    write_signed(tmp_path / "store" / MANIFEST, newer, key)
+    with pytest.raises(IntegrityError, match="format 99"):
+        load_step_manifest(tmp_path / "store", key)

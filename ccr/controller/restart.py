@@ -225,7 +225,7 @@ def restore_into(
     unpacked = began
     try:
         if packed:
-            # Decompression checks every file's SHA-256 and zstd checksum before CRIU
+            # Decompression checks every file's digest and zstd checksum before CRIU
             # sees a byte: a corrupted image restores nothing.
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
                 decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)

@@ -18,7 +18,7 @@ from typing import IO, BinaryIO, cast
 import zstandard
 
 from ccr.errors import IntegrityError, StorageError, UsageError
-from ccr.storage.hashing import ThreadedSha256
+from ccr.storage.hashing import DEFAULT_ALGORITHM, ThreadedDigest
 from ccr.storage.manifest import FileEntry
 
 # Level 1 with threads=-1 (perf-baselines.md §3, scripts/bench.py): on training-like pages it
@@ -91,7 +91,7 @@ def compress_file(src: Path, dst: Path, level: int) -> tuple[int, str]:
 
     Every frame carries its content size and checksum and is compressed on its own thread.
 
-    Returns the compressed size and the SHA-256 of the compressed bytes, both taken while
+    Returns the compressed size and the digest (BLAKE3) of the compressed bytes, both taken while
     writing.  On failure dst is removed and StorageError raised.
     """
     with _frame_buffers_reused():
@@ -117,7 +117,7 @@ def compress_dir(
     With "zstd", a file of SMALL_FILE bytes or more becomes `<name>.zst`; smaller ones are
     copied unchanged with codec "none".  Every file is 0600 and fsync'd, and so is dst_dir.
     progress, if given, gets the raw bytes done so far (cumulative over the directory).
-    Returns the entries sorted by source name; sizes and SHA-256 are those of the stored
+    Returns the entries sorted by source name; sizes and digests are those of the stored
     bytes, raw_size that of the original.
     """
     if codec.name not in ("zstd", "none"):
@@ -161,7 +161,7 @@ def decompress_dir(
 ) -> None:
     """Restore the files that compress_dir listed in entries into dst_dir, original names.
 
-    With verify (the default) each stored file's size and SHA-256 are checked against its
+    With verify (the default) each stored file's size and digest are checked against its
     entry in the same read pass, so callers need not run verify_files first (a second read
     of everything); a mismatch raises IntegrityError naming the file.  Files go one after
     the other, largest first, each decoded a frame per thread, so progress, if given, is
@@ -221,7 +221,7 @@ def decompress_dir(
 
 
 def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tuple[int, int, str]:
-    """(raw size, compressed size, SHA-256 of the compressed bytes) of src compressed to dst.
+    """(raw size, compressed size, digest of the compressed bytes) of src compressed to dst.
 
     This thread reads FRAME_SIZE pieces and writes (and hashes) their frames in order; the
     workers compress a piece each, at most WORKERS + 1 pieces being in flight.
@@ -296,7 +296,7 @@ def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress
     dst.  dst is not fsync'd: restores unpack into scratch space that a crash makes moot.
     """
     ifh = _open_source(src, stored=True)
-    source = _WalkingReader(ifh, expect is not None)
+    source = _WalkingReader(ifh, expect.algorithm if expect else None)
     try:
         with ifh:
             fd = _create(dst)
@@ -307,7 +307,7 @@ def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress
                     source.close()
                     ifh.seek(0)
                     os.ftruncate(fd, 0)
-                    source = _WalkingReader(ifh, expect is not None)
+                    source = _WalkingReader(ifh, expect.algorithm if expect else None)
                     size = _unpack_stream(source, fd, report)
                 digest = source.hexdigest()
             finally:
@@ -404,15 +404,15 @@ def _unpack_stream(source: _WalkingReader, fd: int, report: Progress | None) -> 
 def _copy(
     src: Path, dst: Path, expect: FileEntry | None, report: Progress | None
 ) -> tuple[int, str]:
-    """Copy src to dst (0600): (size, SHA-256).
+    """Copy src to dst (0600): (size, digest).
 
     Without expect (storing) dst is fsync'd; with expect (unpacking a stored file) size and
-    SHA-256 are checked against it instead.
+    digest are checked against it instead.
     """
     size = 0
     ifh = _open_source(src, stored=expect is not None)
     try:
-        with ifh, ThreadedSha256() as digest:
+        with ifh, ThreadedDigest(expect.algorithm if expect else DEFAULT_ALGORITHM) as digest:
             fd = _create(dst)
             try:
                 while chunk := ifh.read(_CHUNK):
@@ -455,7 +455,7 @@ def _mismatch(src: Path, expect: FileEntry, size: int, digest: str) -> str | Non
     # Same wording as manifest.verify_files, so users see one vocabulary.
     if size != expect.size:
         return f"checkpoint file {src} is {size} bytes, manifest says {expect.size} (truncated?)"
-    if digest != expect.sha256:
+    if digest != expect.digest:
         return f"checkpoint file {src} is corrupted (checksum mismatch)"
     return None
 
@@ -519,7 +519,7 @@ class HashingWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._digest = ThreadedSha256()
+        self._digest = ThreadedDigest()
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -571,12 +571,12 @@ class _CountingReader:
 
 
 class _WalkingReader:
-    """A source that feeds a frame walker (and, if asked, SHA-256) everything it reads."""
+    """A source that feeds a frame walker (and, if given an algorithm, a digest) what it reads."""
 
-    def __init__(self, fh: BinaryIO, hashing: bool) -> None:
+    def __init__(self, fh: BinaryIO, algorithm: str | None) -> None:
         self.fh = fh
         self.walker = _FrameWalker()
-        self.digest = ThreadedSha256() if hashing else None
+        self.digest = ThreadedDigest(algorithm) if algorithm else None
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ccr.errors import IntegrityError, StorageError
-from ccr.storage.hashing import file_sha256
+from ccr.storage.hashing import DEFAULT_ALGORITHM, file_digest
 
 MANIFEST = "manifest.json"
 JOB_MANIFEST = "job.json"
-FORMAT = 1
+# 2: file digests name their algorithm (BLAKE3); format 1 had a SHA-256 per file.
+FORMAT = 2
 
 
 @dataclass
@@ -25,9 +26,18 @@ class FileEntry:
 
     name: str
     size: int
-    sha256: str
+    digest: str  # hex, of the stored bytes
     raw_size: int = 0
     codec: str = "none"
+    algorithm: str = DEFAULT_ALGORITHM
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileEntry:
+        data = dict(data)
+        if "sha256" in data:  # format 1
+            data["digest"] = data.pop("sha256")
+            data["algorithm"] = "sha256"
+        return cls(**data)
 
 
 @dataclass
@@ -76,7 +86,7 @@ class StepManifest:
     def from_dict(cls, data: dict[str, Any]) -> StepManifest:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["files"] = [FileEntry(**f) for f in data.get("files", [])]
+        kwargs["files"] = [FileEntry.from_dict(f) for f in data.get("files", [])]
         return cls(**kwargs)
 
 
@@ -108,7 +118,7 @@ def describe_files(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list
         if path.name in skip or not path.is_file():
             continue
         size = path.stat().st_size
-        entries.append(FileEntry(path.name, size, file_sha256(path), raw_size=size))
+        entries.append(FileEntry(path.name, size, file_digest(path), raw_size=size))
     return entries
 
 
@@ -187,6 +197,12 @@ def read_verified(path: Path, key: bytes | None) -> dict[str, Any]:
 
 def load_step_manifest(directory: Path, key: bytes | None) -> StepManifest:
     data = read_verified(directory / MANIFEST, key)
+    version = data.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT:
+        raise IntegrityError(
+            f"manifest {directory / MANIFEST} has format {version!r}; this ccr reads up to "
+            f"{FORMAT} (a newer ccr made it)"
+        )
     try:
         return StepManifest.from_dict(data)
     except TypeError as exc:
@@ -194,10 +210,10 @@ def load_step_manifest(directory: Path, key: bytes | None) -> StepManifest:
 
 
 def verify_files(directory: Path, manifest: StepManifest, hash_packed: bool = True) -> None:
-    """Check every file the manifest lists (size, then SHA-256); raise naming the first bad one.
+    """Check every file the manifest lists (size, then digest); raise naming the first bad one.
 
-    hash_packed=False skips the SHA-256 of compressed files, for callers that decompress
-    them next and check the hash in that same read pass.
+    hash_packed=False skips the digest of compressed files, for callers that decompress
+    them next and check it in that same read pass.
     """
     listed = {f.name for f in manifest.files}
     for entry in manifest.files:
@@ -210,7 +226,9 @@ def verify_files(directory: Path, manifest: StepManifest, hash_packed: bool = Tr
             raise IntegrityError(
                 f"checkpoint file {path} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        if (hash_packed or entry.codec == "none") and file_sha256(path) != entry.sha256:
+        if (hash_packed or entry.codec == "none") and file_digest(
+            path, entry.algorithm
+        ) != entry.digest:
             raise IntegrityError(f"checkpoint file {path} is corrupted (checksum mismatch)")
     extra = [p.name for p in directory.iterdir() if p.is_file() and p.name not in listed]
     extra = [n for n in extra if n != MANIFEST]
