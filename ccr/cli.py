@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import typer
 
@@ -30,6 +31,8 @@ from ccr.errors import CcrError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_commands import register as register_slurm_commands
 from ccr.slurm_time import parse_slurm_time
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=True,
@@ -98,6 +101,15 @@ def _progress_bar() -> Any:
 
     progress.set_listener(listen)
     return bar
+
+
+def _showing_progress(call: Callable[[], T]) -> T:
+    """call(), with a progress bar on a terminal while it runs."""
+    bar = _progress_bar()
+    if bar is None:
+        return call()
+    with bar:
+        return call()
 
 
 @app.callback()
@@ -243,12 +255,7 @@ def _create(
     opts = ckpt.CheckpointOptions(
         image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
     )
-    bar = _progress_bar()
-    if bar is not None:
-        with bar:
-            result = slurmctl.create_any(Runtime.from_env(), ref, opts)
-    else:
-        result = slurmctl.create_any(Runtime.from_env(), ref, opts)
+    result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
     details = [
         f"  step {m.job_id}.{m.step_id}: {m.stats.get('pages_written', 0)} pages written, "
@@ -312,9 +319,12 @@ def _restart(
     if dist is not None:
         _emit(dist.to_dict(), as_json, dist.describe())
         return
-    results = rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
+    results = _showing_progress(
+        lambda: rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
+    )
     lines = [
-        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s)"
+        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s"
+        + (f", of which unpacking {r.unpack_time:.2f}s)" if r.unpack_time else ")")
         for r in results
     ]
     _emit([r.to_dict() for r in results], as_json, "\n".join(lines))
@@ -428,7 +438,7 @@ def cancel(
 
 
 def _convert(ckpt_dir: Path, codec: Codec, as_json: bool) -> None:
-    path = convert.convert(Runtime.from_env(), ckpt_dir, codec)
+    path = _showing_progress(lambda: convert.convert(Runtime.from_env(), ckpt_dir, codec))
     _emit(
         {"checkpoint": str(path), "codec": codec.spec}, as_json, f"{path}: stored as {codec.spec}"
     )

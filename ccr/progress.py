@@ -20,6 +20,28 @@ def set_listener(listener: Listener | None) -> None:
     _listener = listener
 
 
+def relay() -> Listener:
+    """A listener for another process's task reports: passed to ours under fresh task ids.
+
+    A forked supervisor counts task ids from where its parent stood, so its ids would
+    collide with the parent's own.
+    """
+    ids: dict[int, int] = {}
+
+    def forward(task_id: int, description: str, done: int, total: int) -> None:
+        global _next_id
+        listener = _listener
+        if listener is None:
+            return
+        if task_id not in ids:
+            with _lock:
+                _next_id += 1
+                ids[task_id] = _next_id
+        listener(ids[task_id], description, done, total)
+
+    return forward
+
+
 @contextmanager
 def task(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """Report a task; yields update(done_bytes).  Silent when nobody listens."""

@@ -8,9 +8,10 @@ import secrets
 import shutil
 from pathlib import Path
 
+from ccr import progress
 from ccr.controller.restart import load_image
 from ccr.controller.runtime import Runtime
-from ccr.engines.compression import Codec, compress_dir, decompress_dir
+from ccr.engines.compression import Codec, Progress, compress_dir, decompress_dir
 from ccr.errors import StorageError, UsageError
 from ccr.storage.imageset import discard, fsync_dir, fsync_tree, scratch_dir, storage_error
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, FileEntry, write_signed
@@ -63,10 +64,17 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
                 if packed
                 else src
             )
+            total = image.manifest.image_bytes
             try:
                 if packed:
-                    decompress_dir(src, raw, image.manifest.files)
-                entries = compress_dir(raw, dst, codec) if packed else _store(src, dst, codec)
+                    with progress.task(f"decompress {image.step}", total) as update:
+                        decompress_dir(src, raw, image.manifest.files, progress=update)
+                with progress.task(f"store {image.step} as {codec.spec}", total) as update:
+                    entries = (
+                        compress_dir(raw, dst, codec, update)
+                        if packed
+                        else _store(src, dst, codec, update)
+                    )
             finally:
                 if packed:
                     discard(raw)
@@ -88,7 +96,7 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
     return generation
 
 
-def _store(src: Path, dst: Path, codec: Codec) -> list[FileEntry]:
+def _store(src: Path, dst: Path, codec: Codec, update: Progress) -> list[FileEntry]:
     """compress_dir over an uncompressed step dir, leaving its manifest out (hard links)."""
     scratch = dst.parent / f".{dst.name}.links-{secrets.token_hex(4)}"
     scratch.mkdir(mode=0o700)
@@ -96,6 +104,6 @@ def _store(src: Path, dst: Path, codec: Codec) -> list[FileEntry]:
         for path in src.iterdir():
             if path.is_file() and path.name != MANIFEST:
                 os.link(path, scratch / path.name)
-        return compress_dir(scratch, dst, codec)
+        return compress_dir(scratch, dst, codec, update)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

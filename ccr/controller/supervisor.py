@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -241,19 +242,29 @@ def spawn_background(name: str, target: Callable[[Report], int]) -> dict[str, An
             if os.fork() != 0:
                 os._exit(0)
             _detach_stdio(log_path, write_fd)
-            progress.set_listener(None)  # the caller's progress bar is not ours to draw
-            os._exit(_run_reporting(target, write_fd))
+            pipe = _ReportPipe(write_fd)
+            # Progress until the report (e.g. decompressing a restart's images) goes to the
+            # caller, whose terminal draws it; the caller's own bar is not ours to draw.
+            progress.set_listener(pipe.progress)
+            os._exit(_run_reporting(target, pipe))
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
             os._exit(70)
     os.close(write_fd)
-    data = b""
+    forward = progress.relay()
+    message: dict[str, Any] | None = None
+    pending = b""
     while chunk := os.read(read_fd, 65536):
-        data += chunk
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            item = json.loads(line)
+            if "progress" in item:
+                forward(*item["progress"])
+            elif message is None:
+                message = item
     os.close(read_fd)
     os.waitpid(child, 0)
-    if not data:
+    if message is None:
         raise CcrError(f"supervisor died before reporting (see {log_path})")
-    message: dict[str, Any] = json.loads(data.splitlines()[0])
     if not message.get("ok"):
         raise error_for_code(int(message.get("code", 1)), str(message.get("error")))
     return message
@@ -275,17 +286,44 @@ def _detach_stdio(log_path: Path, keep_fd: int) -> None:  # pragma: no cover - c
     sys.stderr = os.fdopen(2, "w", buffering=1)
 
 
-def _run_reporting(target: Callable[[Report], int], write_fd: int) -> int:  # pragma: no cover
-    reported = False
+class _ReportPipe:
+    """The pipe to spawn_background's caller: progress lines, then the one report."""
 
-    def report(message: dict[str, Any]) -> None:
-        nonlocal reported
-        if reported:
+    # Progress lines at most this often per task (the bar redraws ~10 times a second).
+    _INTERVAL = 0.1
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reported = False
+        self._lock = threading.Lock()
+        self._last: dict[int, float] = {}
+
+    def progress(self, task_id: int, description: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if 0 < done < total and now - self._last.get(task_id, 0.0) < self._INTERVAL:
             return
-        reported = True
-        os.write(write_fd, json.dumps(message).encode() + b"\n")
-        os.close(write_fd)
+        self._last[task_id] = now
+        self._send({"progress": [task_id, description, done, total]}, last=False)
 
+    def report(self, message: dict[str, Any]) -> None:
+        self._send(message, last=True)
+
+    def _send(self, message: dict[str, Any], last: bool) -> None:
+        with self._lock:
+            if self.reported:
+                return
+            try:
+                os.write(self.fd, json.dumps(message).encode() + b"\n")
+            except OSError:
+                pass  # the caller is gone: the step runs on regardless
+            if last:
+                self.reported = True
+                os.close(self.fd)
+                progress.set_listener(None)
+
+
+def _run_reporting(target: Callable[[Report], int], pipe: _ReportPipe) -> int:  # pragma: no cover
+    report = pipe.report
     try:
         return target(report)
     except CcrError as exc:
@@ -297,5 +335,5 @@ def _run_reporting(target: Callable[[Report], int], write_fd: int) -> int:  # pr
         report({"ok": False, "error": f"supervisor failed: {exc}", "code": 1})
         return 1
     finally:
-        if not reported:
+        if not pipe.reported:
             report({"ok": False, "error": "supervisor ended without starting the step", "code": 1})

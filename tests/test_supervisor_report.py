@@ -1,0 +1,48 @@
+"""A background supervisor's progress reaches the process that started it, then its report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import wait_for
+
+from ccr import progress
+from ccr.controller import supervisor as sup
+
+
+def test_progress_is_relayed_until_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CCR_STATE_DIR", str(tmp_path / "state"))
+    events: list[tuple[int, str, int, int]] = []
+    with progress.task("the caller's own task", 1) as update:  # ids must not collide with it
+        update(1)
+
+    def target(report: sup.Report) -> int:
+        with progress.task("decompress 1.0", 300) as update:
+            for done in (100, 200, 300):
+                time.sleep(0.15)  # lines are sent at most every 0.1 s per task
+                update(done)
+        report({"ok": True, "pid": os.getpid()})
+        with progress.task("after the report", 10) as update:
+            update(10)
+        return 0
+
+    progress.set_listener(lambda *event: events.append(event))
+    try:
+        message: dict[str, Any] = sup.spawn_background("relay-test", target)
+    finally:
+        progress.set_listener(None)
+    wait_for(lambda: not psutil.pid_exists(message["pid"]), 30, "the supervisor to end")
+
+    assert message["ok"] is True
+    assert {e[1] for e in events} == {"decompress 1.0"}
+    assert [e[2] for e in events] == [0, 100, 200, 300, -1]
+    assert len({e[0] for e in events}) == 1
+    own = progress._next_id  # the relayed task got an id of this process's own counting
+    assert events[0][0] == own
