@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blake3
 import lz4.frame
 import psutil
 import zstandard
@@ -798,6 +799,7 @@ def environment(bench: Bench, reps: int) -> list[str]:
         f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB; "
         f"CRIU {version.split()[1] if version else '?'}; python-zstandard "
         f"{zstandard.__version__} (libzstd {'.'.join(map(str, zstandard.ZSTD_VERSION))}); "
+        f"blake3 {blake3.__version__}; "
         f"{cli_version.split(',')[0]}.",
         f"Storage {bench.storage} (fsync'd; page cache dropped before restart), "
         f"scratch {bench.scratch}. frozen = CRIU frozen_time; ckpt total = dump + store; "
