@@ -135,6 +135,16 @@ class Ccr:
         pids = [r[0] for r in rows if r[0]] + [r[1] for r in rows if r[1]]
         return [p for p in pids if self._is_ours(p)]
 
+    def marked_pids(self) -> list[int]:
+        """Every process with this test's state dir in its environment: all that ccr started
+        for it, CRIU and the helpers CRIU forks included, whatever the registry says."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                if self._is_ours(int(entry.name)):
+                    found.append(int(entry.name))
+        return found
+
     def _is_ours(self, pid: int) -> bool:
         # Only a process started with this test's state dir in its environment is ours: a PID
         # from the registry may have been reused by an unrelated process since.
@@ -159,7 +169,12 @@ class Ccr:
             except subprocess.TimeoutExpired:
                 pass
         deadline = time.monotonic() + 15
-        while self.our_pids() and time.monotonic() < deadline:
+        while (left := self.marked_pids()) and time.monotonic() < deadline:
+            for pid in left:  # strays the registry does not name, e.g. a CRIU helper
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             time.sleep(0.05)
 
 

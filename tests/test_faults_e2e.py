@@ -58,6 +58,18 @@ def processes_with_state_dir(ccr: Ccr) -> list[int]:
     return found
 
 
+def criu_processes(ccr: Ccr) -> list[int]:
+    """CRIU processes (criu itself or helpers it forked) that ran for this test's ccr."""
+    found = []
+    for pid in processes_with_state_dir(ccr):
+        try:
+            if Path(os.readlink(f"/proc/{pid}/exe")).name == "criu":
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def start_big(ccr: Ccr, job: int, mib: int = 1024) -> Path:
     ccr.program("big.py", BIG)
     ccr.detach("python3", "big.py", str(mib), options=("--job-id", str(job)))
@@ -80,6 +92,8 @@ def test_maxwait_abandons_dump_job_keeps_running(ccr: Ccr) -> None:
     assert not staging_dirs(ccr.work)
     assert ccr.step("61.0")["state"] == "running"
     assert not stopped_tasks(ccr, "61.0")
+    # Nor any CRIU helper (e.g. its vdso probe child, stopped for its parent to trace).
+    wait_for(lambda: not criu_processes(ccr), 10, "no CRIU process left")
     assert progressing(out)
     assert "MaxWait" in ccr.run("checkpoint", "error", "61").stdout
     # And with time enough, the same checkpoint works.

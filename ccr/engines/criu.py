@@ -193,6 +193,8 @@ class Criu:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 preexec_fn=_criu_child_setup,
+                # Its own process group, so _kill reaches the helpers criu forks too.
+                process_group=0,
             )
         except OSError as exc:
             ours.close()
@@ -314,8 +316,16 @@ def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
+    """Kill criu and every helper it forked (its process group), then reap criu.
+
+    A helper stopped mid-handshake (CRIU's vdso probe child raises SIGSTOP for its parent
+    to trace) outlives a criu killed at that moment, stopped forever, unless killed too.
+    """
+    if proc.poll() is None:  # not reaped yet: its pid (and group id) cannot be reused
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:  # pragma: no cover - a wedged criu in D state
