@@ -78,6 +78,7 @@ from ccr.engines.compression import (  # noqa: E402 - after the sys.path fix-up 
     decompress_file,
 )
 from ccr.engines.criu import read_dump_stats  # noqa: E402
+from ccr.storage.imageset import fsync_tree  # noqa: E402 - ccr's own: fsync, then drop from cache
 from ccr.storage.manifest import FileEntry  # noqa: E402
 
 MiB = 1 << 20
@@ -155,20 +156,6 @@ def files_of(directory: Path) -> list[Path]:
 
 def dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in files_of(directory))
-
-
-def fsync_tree(directory: Path) -> None:
-    for path in files_of(directory):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def evict(directory: Path) -> None:
