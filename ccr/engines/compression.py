@@ -1,4 +1,4 @@
-"""Compress checkpoint image files with zstd (streaming, multi-threaded, checksummed, fsync'd)."""
+"""Store checkpoint image files as zstd frames, (de)compressed a frame per CPU, checksummed."""
 
 from __future__ import annotations
 
@@ -554,20 +554,6 @@ class _CountingWriter:
         if self.report is not None:
             self.report(len(view))
         return len(view)
-
-
-class _CountingReader:
-    """A source for copy_stream that reports each chunk read (compression progress)."""
-
-    def __init__(self, fh: BinaryIO, report: Progress) -> None:
-        self.fh = fh
-        self.report = report
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        if data:
-            self.report(len(data))
-        return data
 
 
 class _WalkingReader:
