@@ -192,13 +192,18 @@ def test_two_node_create_then_restart_same_job_id(dist: Dist) -> None:
     dist.cluster.wait_job(job, ("CANCELLED",), timeout=30)
 
 
-def test_new_job_restart_sticks_to_nodes_or_moves(dist: Dist) -> None:
+def vacated_on_node2_and_node3(dist: Dist) -> tuple[int, list[int]]:
+    """A 2-node job on node2+node3, counting, then vacated: (job id, lines each rank wrote)."""
     job = dist.submit("-w", "node2,node3")
     dist.wait_state(job, "RUNNING")
     dist.wait_counting(job)
     dist.ccr("create", "--stop", str(job))
     dist.cluster.wait_job(job, tuple(FINAL_STATES), timeout=60)
-    stopped = [len(n) for n in dist.counts(job)]
+    return job, [len(n) for n in dist.counts(job)]
+
+
+def test_new_job_restart_sticks_to_nodes_or_moves(dist: Dist) -> None:
+    job, stopped = vacated_on_node2_and_node3(dist)
 
     # StickToNodes honoured: a new job, pinned to node2+node3 although node1 is idle
     out = json.loads(
@@ -239,12 +244,7 @@ def test_new_job_restart_sticks_to_nodes_or_moves(dist: Dist) -> None:
 
 
 def test_stick_to_nodes_with_a_pinned_node_down(dist: Dist) -> None:
-    job = dist.submit("-w", "node2,node3")
-    dist.wait_state(job, "RUNNING")
-    dist.wait_counting(job)
-    dist.ccr("create", "--stop", str(job))
-    dist.cluster.wait_job(job, tuple(FINAL_STATES), timeout=60)
-    stopped = [len(n) for n in dist.counts(job)]
+    job, stopped = vacated_on_node2_and_node3(dist)
 
     dist.downed.append("node3")
     dist.cluster.scontrol("update", "nodename=node3", "state=down", "reason=ccr-test")
