@@ -44,6 +44,7 @@ app = typer.Typer(
 checkpoint_app = typer.Typer(no_args_is_help=True, help="scontrol's `checkpoint` verbs.")
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
+MKDIR_HELP = "Also create the directory's missing parents (default: only a new last one)."
 COMPRESS_HELP = "Image codec: zstd[:LEVEL] (default zstd:1) or none; env CCR_COMPRESS."
 
 
@@ -204,6 +205,7 @@ def run(
         help="Return at once, printing <jobid>.<stepid>; a background supervisor stays.",
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
+    mkdir: bool = typer.Option(False, "--mkdir", help=MKDIR_HELP),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
 
@@ -227,6 +229,7 @@ def run(
         restart_dir=restart_dir,
         detach=detach,
         settings=settings,
+        mkdir=mkdir,
     )
 
     def announce(message: dict[str, Any]) -> None:
@@ -250,10 +253,15 @@ def _create(
     stop: bool,
     as_json: bool,
     compress: Optional[str] = None,
+    mkdir: bool = False,
 ) -> None:
     ref = _ref(ref_text)
     opts = ckpt.CheckpointOptions(
-        image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
+        image_dir=image_dir,
+        max_wait=_max_wait(max_wait),
+        stop=stop,
+        codec=_codec(compress),
+        mkdir=mkdir,
     )
     result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
@@ -287,13 +295,14 @@ def create(
         help="Keep the job running (default) or terminate it after the checkpoint.",
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
+    mkdir: bool = typer.Option(False, "--mkdir", help=MKDIR_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint every live step of a job, or one step (scontrol checkpoint create).
 
     Example: ccr create 42.0 --image-dir /scratch/ckpt --max-wait 60
     """
-    _create(ref, image_dir, max_wait, not leave_running, as_json, compress)
+    _create(ref, image_dir, max_wait, not leave_running, as_json, compress, mkdir)
 
 
 def _restart(

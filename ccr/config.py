@@ -25,8 +25,9 @@ def state_dir() -> Path:
     else:
         path = Path.home() / ".local" / "state" / "ccr"
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.chmod(0o700)
+        if not path.is_dir():  # private only if ccr creates it: an existing dir is the user's
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.chmod(0o700)
     except OSError as exc:
         raise StorageError(f"cannot use state directory {path}: {exc.strerror}") from None
     return path

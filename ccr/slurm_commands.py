@@ -21,6 +21,7 @@ def node_checkpoint(
     stop: bool = typer.Option(False, "--stop"),
     max_wait: Optional[float] = typer.Option(None, "--max-wait"),
     compress: str = typer.Option("zstd:1", "--compress"),
+    mkdir: bool = typer.Option(False, "--mkdir"),
 ) -> None:
     """Dump this node's tasks of a job for `ccr create` (one task per node of an srun step)."""
     code = slurmctl.node_checkpoint(
@@ -31,6 +32,7 @@ def node_checkpoint(
         stop,
         max_wait,
         parse_codec(compress),
+        mkdir,
     )
     raise typer.Exit(code)
 

@@ -868,7 +868,7 @@ def test_images_are_private(ccr: Ccr) -> None:
         wait_lines(out_file(ccr, s), 5)
     images = ccr.work / "images" / "nested"
     step_ckpt = json_out(
-        ccr.run("create", steps[0], "--image-dir", str(images), "--json", **open_umask)
+        ccr.run("create", steps[0], "--image-dir", str(images), "--mkdir", "--json", **open_umask)
     )
     job_ckpt = json_out(
         ccr.run("create", "11", "--image-dir", str(images), "--stop", "--json", **open_umask)

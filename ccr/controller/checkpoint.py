@@ -49,6 +49,7 @@ class CheckpointOptions:
     stop: bool = False  # vacate: terminate the tree once the checkpoint is safe
     keep: int | None = None  # generations to keep; None: the job's setting
     codec: Codec = field(default_factory=default_codec)
+    mkdir: bool = False  # create a missing image dir's missing parents too
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _create_locked(
     criu = rt.criu()
     criu_version = criu.version()
     series = CheckpointSeries(image_dir, checkpoint_name(ref))
-    staging = series.begin()
+    staging = series.begin(mkdir=opts.mkdir)
     whole_job = ref.step_id is None
     stopped: list[reg.StepRecord] = []
     touched: list[reg.StepRecord] = []

@@ -16,6 +16,7 @@ from ccr.engines import process
 from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
 from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
+from ccr.storage.imageset import prepare_image_dir
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RunRequest:
     output: Path | None = None
     restart_dir: Path | None = None
     detach: bool = False
+    mkdir: bool = False  # create a missing checkpoint dir's missing parents too
     settings: sup.SupervisorSettings = field(default_factory=sup.SupervisorSettings)
 
 
@@ -68,19 +70,6 @@ def _interrupted_step(db: reg.Registry, job_id: int, argv: list[str]) -> int | N
     return None
 
 
-def _check_dir(path: Path, what: str) -> Path:
-    path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise StorageError(f"{what} {path} is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create {what} {path}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StorageError(f"{what} {path} is not writable")
-    return path
-
-
 def _command_exists(argv: list[str], env: dict[str, str], cwd: Path) -> None:
     cmd = argv[0]
     if "/" in cmd:
@@ -102,7 +91,7 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     env = dict(os.environ)
     req.settings = slurmctl.task_settings(req.settings)
     step = _resolve_step(rt, req)
-    ckpt_dir = _check_dir(req.checkpoint_dir or cwd, "checkpoint directory")
+    ckpt_dir = prepare_image_dir(req.checkpoint_dir or cwd, "checkpoint directory", req.mkdir)
     env.update(slurmctl.task_exports(rt, step, ckpt_dir))
     output = (req.output or slurmctl.output_file(step, cwd)).resolve()
     resume = _resume_image(

@@ -33,7 +33,12 @@ from ccr.engines.compression import Codec
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, error_for_code, exit_code_for
 from ccr.ids import JobRef, StepId, checkpoint_name, output_name
 from ccr.storage import registry as reg
-from ccr.storage.imageset import CheckpointSeries, discard, make_private_dir
+from ccr.storage.imageset import (
+    CheckpointSeries,
+    discard,
+    make_private_dir,
+    prepare_image_dir,
+)
 from ccr.storage.manifest import JOB_MANIFEST, JobManifest, read_verified, write_signed
 
 REPORT = "ccr-node-report "
@@ -218,6 +223,7 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
     staging_name = f".{name}.dist-{os.getpid()}-{secrets.token_hex(4)}"
     cmd = [*slurm.ccr_command(), "_node-checkpoint", str(ref), "--staging", staging_name]
     cmd += ["--compress", opts.codec.spec] + (["--stop"] if opts.stop else [])
+    cmd += ["--mkdir"] if opts.mkdir else []
     if opts.image_dir is not None:
         cmd += ["--image-dir", str(opts.image_dir.resolve())]
     if opts.max_wait is not None:
@@ -382,6 +388,7 @@ def node_checkpoint(
     stop: bool,
     max_wait: float | None,
     codec: Codec,
+    mkdir: bool = False,
 ) -> int:
     """`ccr _node-checkpoint`: dump this node's tasks of ref, report, then commit or roll back."""
     node = slurm.node_name()
@@ -400,8 +407,8 @@ def node_checkpoint(
     if job.disabled:
         _emit({"ok": False, "node": node, "error": "checkpoints are disabled", "code": 4})
         return 4
-    base = (image_dir or Path(job.checkpoint_dir)).resolve()
     try:
+        base = prepare_image_dir(image_dir or Path(job.checkpoint_dir), mkdir=mkdir)
         with rt.job_lock(ref.job_id, max_wait):
             return _dump_and_decide(rt, ref, steps, base, staging_name, stop, deadline, codec)
     except CcrError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import secrets
@@ -16,10 +17,97 @@ from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
-def make_private_dir(path: Path) -> None:
-    """mkdir -p with 0700 on the directory we create, whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
+# A checkpoint's own names: `42.ckpt`, `42.0.ckpt`, their generations `42.0.ckpt.7`, and
+# the hidden staging and link names ccr writes beside them.
+_CHECKPOINT_NAME = re.compile(r"^\.?\d+(\.\d+)?\.ckpt(\.\d+)?($|\.tmp-|\.link-)")
+
+
+def make_private_dir(path: Path, parents: bool = False) -> list[Path]:
+    """Create path (and, with parents, its missing parents) 0700 whatever the umask.
+
+    Only the directories created here are made private and returned; a directory that
+    already exists is left exactly as it is (mode, owner, ACLs): it is not ccr's to change,
+    and chmod 0700 of a shared one (a user's cwd, /tmp, /scratch) would lock others out.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and not probe.is_symlink():
+        missing.append(probe)
+        if not parents or probe.parent == probe:
+            break
+        probe = probe.parent
+    created = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by somebody else: theirs, not ours
+        directory.chmod(0o700)
+        created.append(directory)
+    return created
+
+
+def inside_checkpoint(path: Path) -> Path | None:
+    """The ccr checkpoint (link, generation or staging dir) that path is in or is, if any."""
+    for probe in (path, *path.parents):
+        if _CHECKPOINT_NAME.match(probe.name):
+            return probe
+        if _is_ccr_manifest(probe / MANIFEST) or _is_ccr_manifest(probe / JOB_MANIFEST):
+            return probe
+    return None
+
+
+def _is_ccr_manifest(path: Path) -> bool:
+    """A signed ccr manifest (not any manifest.json a user's project may hold)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 16 << 20:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "hmac" in data and "job_id" in data
+
+
+def prepare_image_dir(path: Path, what: str = "image directory", mkdir: bool = False) -> Path:
+    """Make sure path can take checkpoints; return it resolved.
+
+    An existing directory is used as it is (never chmod'ed).  A missing one is created 0700
+    when its parent exists (a new last component, as Slurm's --checkpoint-dir did), or with
+    mkdir also its missing parents; otherwise a typo must not silently create a tree of
+    directories as root, so it is an error naming the first missing ancestor.  A path in
+    or at a checkpoint is refused: a checkpoint nested in a signed one is never right.
+    """
+    path = path.expanduser().absolute()
+    inside = inside_checkpoint(path.resolve())
+    if inside is not None:
+        raise StorageError(
+            f"{what} {path} is inside the checkpoint {inside}: choose the directory that "
+            "holds checkpoints, not a checkpoint"
+        )
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{what} {path} is not a directory")
+    if not path.exists():
+        parent = path.parent
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise StorageError(f"{what} {path}: {blocker} is not a directory")
+        if not parent.is_dir() and not mkdir:
+            first = parent
+            while not first.parent.exists() and first.parent != first:
+                first = first.parent
+            raise StorageError(
+                f"{what} {path} does not exist, nor does {first}; "
+                "create it, or pass --mkdir to have ccr create it"
+            )
+        try:
+            make_private_dir(path, parents=mkdir)
+        except OSError as exc:
+            raise storage_error(path, exc, f"creating {what}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise StorageError(f"{what} {path} is not writable: a read-only file system")
+        raise StorageError(f"{what} {path} is not writable")
+    return path.resolve()
 
 
 def storage_error(path: Path, exc: OSError, doing: str) -> StorageError:
@@ -110,11 +198,11 @@ class CheckpointSeries:
         gens = self.generations()
         return gens[-1] if gens else None
 
-    def begin(self) -> Path:
+    def begin(self, mkdir: bool = False) -> Path:
         """Create a private staging directory for the next generation."""
+        prepare_image_dir(self.image_dir, mkdir=mkdir)
         self.clean_stale_staging()
         try:
-            make_private_dir(self.image_dir)
             staging = self.image_dir / f".{self.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o700)
             staging.chmod(0o700)
