@@ -67,19 +67,26 @@ def create(
 
 
 def restart(
-    ref: str | int,
+    ref: str | int | Path,
     *,
     image_dir: str | Path | None = None,
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
+    rename: bool = False,
 ) -> list[rst.RestartResult]:
-    """Restore a job or step from its newest checkpoint (`ccr restart`)."""
+    """Restore a job or step from its newest checkpoint, or the checkpoint at a path
+    (`ccr restart`)."""
+    rt = Runtime.from_env()
+    path = ref if isinstance(ref, Path) else rst.checkpoint_path(str(ref))
+    if path is not None:
+        return rst.restart_path(rt, path, stick_to_nodes, max_wait)
     return rst.restart(
-        Runtime.from_env(),
-        _ref(ref),
+        rt,
+        _ref(str(ref)),
         Path(image_dir) if image_dir else None,
         stick_to_nodes,
         max_wait,
+        rename,
     )
 
 

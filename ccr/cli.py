@@ -31,6 +31,7 @@ from ccr.errors import CcrError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_commands import register as register_slurm_commands
 from ccr.slurm_time import parse_slurm_time
+from ccr.storage.imageset import checkpoint_step_dirs
 
 T = TypeVar("T")
 
@@ -306,31 +307,42 @@ def create(
 
 
 def _restart(
-    ref_text: str,
+    target: str,
     image_dir: Optional[Path],
     stick: bool,
     max_wait: Optional[float],
     as_json: bool,
     check: bool = False,
     new_job: bool = False,
+    rename: bool = False,
 ) -> None:
-    ref = _ref(ref_text)
+    path = rst.checkpoint_path(target)
     if check:
-        checks = inspect.restart_check(Runtime.from_env(), ref, image_dir, stick)
+        checks = inspect.restart_check(Runtime.from_env(), path or _ref(target), image_dir, stick)
         ok = all(c.ok for c in checks)
         lines = [f"{'ok ' if c.ok else 'NO '} {c.name}: {c.detail}" for c in checks]
-        lines.append(f"restart of {ref}: {'possible' if ok else 'blocked'}")
+        lines.append(f"restart of {target}: {'possible' if ok else 'blocked'}")
         _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
-    dist = slurm_restart.restart_if_distributed(
-        Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
-    )
-    if dist is not None:
-        _emit(dist.to_dict(), as_json, dist.describe())
-        return
-    results = _showing_progress(
-        lambda: rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
-    )
+    if path is not None:
+        if image_dir is not None or new_job or rename:
+            raise UsageError("restart CKPT takes no --image-dir, --new-job or --rename")
+        results = _showing_progress(
+            lambda: rst.restart_path(Runtime.from_env(), path, stick, _max_wait(max_wait))
+        )
+    else:
+        ref = _ref(target)
+        dist = slurm_restart.restart_if_distributed(
+            Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
+        )
+        if dist is not None:
+            _emit(dist.to_dict(), as_json, dist.describe())
+            return
+        results = _showing_progress(
+            lambda: rst.restart(
+                Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), rename
+            )
+        )
     lines = [
         f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s"
         + (f", of which unpacking {r.unpack_time:.2f}s)" if r.unpack_time else ")")
@@ -341,7 +353,7 @@ def _restart(
 
 @app.command()
 def restart(
-    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]|CKPT"),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="ImageDir to restore from."),
     stick_to_nodes: bool = typer.Option(
         False,
@@ -357,13 +369,19 @@ def restart(
     new_job: bool = typer.Option(
         False, "--new-job", help="Multi-node checkpoint: submit a new job instead of requeueing."
     ),
+    rename: bool = typer.Option(
+        False,
+        "--rename",
+        help="Restore a checkpoint whose manifest names another job (a renamed copy) as JOBID.",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
+    """Restore a job or step from its newest checkpoint (scontrol checkpoint restart), or the
+    checkpoint at a path (a .ckpt link, a generation, or a step directory in one).
 
-    Example: ccr restart 42 --image-dir /scratch/ckpt
+    Example: ccr restart 42 --image-dir /scratch/ckpt    or    ccr restart /scratch/ckpt/42.ckpt
     """
-    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job)
+    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job, rename)
 
 
 @app.command()
@@ -488,15 +506,7 @@ def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool =
     """
     rt = Runtime.from_env()
     target = ckpt_dir.resolve()
-    dirs = (
-        [target]
-        if (target / "manifest.json").exists()
-        else sorted(p for p in target.iterdir() if p.is_dir() and p.name.isdigit())
-        if target.is_dir()
-        else []
-    )
-    if not dirs:
-        raise UsageError(f"{ckpt_dir} is not a ccr checkpoint")
+    dirs = checkpoint_step_dirs(ckpt_dir)
     for d in dirs:
         rst.load_image(rt, d)
     _emit(

@@ -16,7 +16,7 @@ from ccr.controller import restart as rst
 from ccr.controller.runtime import Runtime
 from ccr.errors import CcrError, NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
-from ccr.storage.imageset import FAST_SCRATCH
+from ccr.storage.imageset import FAST_SCRATCH, checkpoint_step_dirs
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, StepManifest, read_json
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -26,12 +26,7 @@ def resolve(rt: Runtime, target: str, image_dir: Path | None = None) -> list[Pat
     """Step checkpoint directories named by a path (link, generation, step dir) or an id."""
     path = Path(target)
     if path.exists():
-        gen = path.resolve()
-        if (gen / MANIFEST).exists():
-            return [gen]
-        if (gen / JOB_MANIFEST).exists():
-            return sorted(p for p in gen.iterdir() if p.is_dir() and p.name.isdigit())
-        raise UsageError(f"{target} is not a ccr checkpoint")
+        return checkpoint_step_dirs(path)
     try:
         ref = parse_job_ref(target)
     except UsageError:
@@ -157,13 +152,16 @@ def _check(name: str, fn: Any) -> Check:
 
 
 def restart_check(
-    rt: Runtime, ref: JobRef, image_dir: Path | None, stick_to_nodes: bool
+    rt: Runtime, target: JobRef | Path, image_dir: Path | None, stick_to_nodes: bool
 ) -> list[Check]:
-    """What would block `ccr restart` of ref, changing nothing."""
-    image_dir = image_dir or rst.default_image_dir(rt, ref.job_id)
+    """What would block `ccr restart` of target (a job or step, or a path), changing nothing."""
     checks: list[Check] = []
     try:
-        paths = rst.find_images(rt, ref, image_dir)
+        if isinstance(target, Path):
+            paths = checkpoint_step_dirs(target)
+        else:
+            image_dir = image_dir or rst.default_image_dir(rt, target.job_id)
+            paths = rst.find_images(rt, target, image_dir)
     except CcrError as exc:
         return [Check("checkpoint found", False, str(exc))]
     for path in paths:

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,18 @@ from ccr.errors import (
     NotFoundError,
     PermissionDeniedError,
     StorageError,
+    UsageError,
 )
-from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.ids import JobRef, StepId, checkpoint_name, parse_job_ref
 from ccr.storage import registry as reg
-from ccr.storage.imageset import CheckpointSeries, discard, scratch_dir
+from ccr.storage.imageset import (
+    CheckpointSeries,
+    checkpoint_step_dirs,
+    checkpoints_in,
+    discard,
+    scratch_dir,
+    series_dir,
+)
 from ccr.storage.manifest import (
     JOB_MANIFEST,
     MANIFEST,
@@ -82,7 +90,13 @@ def default_image_dir(rt: Runtime, job_id: int) -> Path:
 
 
 def find_images(rt: Runtime, ref: JobRef, image_dir: Path) -> list[Path]:
-    """The newest complete checkpoint directory of each step that ref names.
+    """The newest complete checkpoint directory of each step that ref names."""
+    return [path for _, path in find_named_images(ref, image_dir)]
+
+
+def find_named_images(ref: JobRef, image_dir: Path) -> list[tuple[StepId, Path]]:
+    """The newest complete checkpoint of each step that ref names, with the step its name
+    says it holds.
 
     A whole-job checkpoint (`<jobid>.ckpt`) and per-step ones (`<jobid>.<stepid>.ckpt`)
     compete: for each step the most recent one wins.
@@ -105,24 +119,33 @@ def find_images(rt: Runtime, ref: JobRef, image_dir: Path) -> list[Path]:
         for sub in sorted(job_gen.path.iterdir()):
             if sub.is_dir() and sub.name.isdigit() and (ref.step_id in (None, int(sub.name))):
                 offer(int(sub.name), sub)
+    present = checkpoints_in(image_dir)
     if ref.step_id is not None:
         step_ids = [ref.step_id]
     else:
-        prefix = f"{ref.job_id}."
-        step_ids = sorted(
-            int(p.name[len(prefix) : -len(".ckpt")])
-            for p in image_dir.iterdir()
-            if p.name.startswith(prefix)
-            and p.name.endswith(".ckpt")
-            and p.name[len(prefix) : -len(".ckpt")].isdigit()
-        )
+        step_ids = [s for j, s, _ in present if j == ref.job_id and s is not None]
     for step_id in step_ids:
         gen = CheckpointSeries(image_dir, checkpoint_name(StepId(ref.job_id, step_id))).newest()
         if gen is not None:
             offer(step_id, gen.path)
     if not candidates:
-        raise NotFoundError(f"no complete checkpoint of {ref} in {image_dir}")
-    return [candidates[s][1] for s in sorted(candidates)]
+        raise NotFoundError(_nothing_found(ref, image_dir, present))
+    return [(StepId(ref.job_id, s), candidates[s][1]) for s in sorted(candidates)]
+
+
+def _nothing_found(ref: JobRef, image_dir: Path, present: list[tuple[int, int | None, str]]) -> str:
+    """'No checkpoint', saying what IS in the directory and what the user may have meant."""
+    head = f"no complete checkpoint of {ref} in {image_dir}"
+    if not present:
+        return f"{head} (it holds no <jobid>.ckpt or <jobid>.<stepid>.ckpt)"
+    names = [name for _, _, name in present]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    mine = [s for j, s, _ in present if j == ref.job_id and s is not None]
+    if mine:
+        guess = f"{ref.job_id}.{mine[0]}"
+    else:
+        guess = str(present[0][0]) if len({j for j, _, _ in present}) == 1 else ""
+    return f"{head}; found {shown}" + (f"; did you mean {guess}?" if guess else "")
 
 
 def _created(manifest: Path) -> float:
@@ -248,8 +271,7 @@ def restore_into(
             os.waitpid(result.pid, 0)
             raise
     with rt.registry() as db:
-        image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
-        db.ensure_job(image.step.job_id, str(image_dir))
+        db.ensure_job(image.step.job_id, str(series_dir(image.path)))
         existing = db.find_step(image.step)
     m = image.manifest
     record = existing or reg.StepRecord(
@@ -275,27 +297,88 @@ def restore_into(
     )
 
 
-def _in_job(image: StepImage) -> bool:
-    return (image.path.parent / JOB_MANIFEST).exists()
-
-
 def restart(
     rt: Runtime,
     ref: JobRef,
     image_dir: Path | None = None,
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
+    rename: bool = False,
 ) -> list[RestartResult]:
-    """Restore every step that ref names from its newest checkpoint, each under a supervisor."""
+    """Restore every step that ref names from its newest checkpoint, each under a supervisor.
+
+    rename: a checkpoint whose manifest names another job than its file name (a renamed
+    copy) is restored under the id asked for; without it, such a checkpoint is refused.
+    """
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
-    images = [load_image(rt, p, full=False) for p in find_images(rt, ref, image_dir)]
+    images = [
+        as_step(load_image(rt, path, full=False), step, rename)
+        for step, path in find_named_images(ref, image_dir)
+    ]
+    return restart_images(rt, images, image_dir, stick_to_nodes, max_wait)
+
+
+def checkpoint_path(target: str) -> Path | None:
+    """target as a checkpoint path, or None when it names a job (`42`, `42.0`).
+
+    An id wins over a same-named file in the cwd; anything else (`42.ckpt`, `./42`,
+    `/scratch/42.0.ckpt.3/0`) is a path."""
+    try:
+        parse_job_ref(target)
+        return None
+    except UsageError:
+        pass
+    path = Path(target)
+    if not path.exists() and "/" not in target and not target.endswith(".ckpt"):
+        raise UsageError(
+            f"malformed job id {target!r}: expected <jobid>, <jobid>.<stepid> or a checkpoint path"
+        )
+    return path
+
+
+def images_at(rt: Runtime, path: Path) -> list[StepImage]:
+    """The verified step checkpoints a path names (link, generation or step dir), under the
+    ids their manifests carry (like `dmtcp_restart FILE`)."""
+    return [load_image(rt, d, full=False) for d in checkpoint_step_dirs(path)]
+
+
+def restart_path(
+    rt: Runtime, path: Path, stick_to_nodes: bool = False, max_wait: float | None = None
+) -> list[RestartResult]:
+    """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
+    images = images_at(rt, path)
+    return restart_images(rt, images, series_dir(images[0].path), stick_to_nodes, max_wait)
+
+
+def as_step(image: StepImage, step: StepId, rename: bool) -> StepImage:
+    """image, to be restored as step: refused if its manifest names another step, unless
+    rename (then it is restored under step's ids, its files untouched)."""
+    if image.step == step:
+        return image
+    if not rename:
+        raise IntegrityError(
+            f"{image.path} holds a checkpoint of {image.step}, not of {step} (a renamed copy?): "
+            f"restart it by path (ccr restart {image.path}), or as {step} with --rename"
+        )
+    return StepImage(image.path, replace(image.manifest, job_id=step.job_id, step_id=step.step_id))
+
+
+def restart_images(
+    rt: Runtime,
+    images: list[StepImage],
+    image_dir: Path,
+    stick_to_nodes: bool,
+    max_wait: float | None,
+) -> list[RestartResult]:
+    """Restore each verified image under a supervisor of its own."""
+    if not images:
+        raise NotFoundError(f"no step checkpoint in {image_dir}")
     for image in images:
         preflight(rt, image, stick_to_nodes)
-    settings = _job_settings(rt, ref.job_id, image_dir)
-    with rt.registry() as db:
-        db.bump_restart_count(ref.job_id)
+    job_ids = sorted({image.step.job_id for image in images})
     results = []
     for image in images:
+        settings = _job_settings(rt, image.step.job_id)
         message = sup.spawn_background(
             str(image.step),
             functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
@@ -310,14 +393,19 @@ def restart(
                 float(message.get("unpack_time", 0.0)),
             )
         )
+    with rt.registry() as db:
+        for job_id in job_ids:  # the job record exists now: the restore made it
+            db.bump_restart_count(job_id)
     return results
 
 
-def _job_settings(rt: Runtime, job_id: int, image_dir: Path) -> sup.SupervisorSettings:
+def _job_settings(rt: Runtime, job_id: int) -> sup.SupervisorSettings:
+    """The job's interval and retention if ccr knows it; defaults for a job new here (no
+    record is made before a restore succeeded: a failed restart leaves no phantom job)."""
     with rt.registry() as db:
         job = db.find_job(job_id)
-        if job is None:
-            job = db.ensure_job(job_id, str(image_dir))
+    if job is None:
+        return sup.SupervisorSettings()
     return sup.SupervisorSettings(interval=job.interval_s, keep=job.keep)
 
 

@@ -16,7 +16,7 @@ from ccr.engines import process
 from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
 from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
-from ccr.storage.imageset import prepare_image_dir
+from ccr.storage.imageset import checkpoints_in, prepare_image_dir
 
 
 @dataclass
@@ -95,7 +95,7 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     env.update(slurmctl.task_exports(rt, step, ckpt_dir))
     output = (req.output or slurmctl.output_file(step, cwd)).resolve()
     resume = _resume_image(
-        rt, step, req.restart_dir or ckpt_dir, explicit=req.restart_dir is not None
+        rt, step, req.restart_dir or ckpt_dir, req.restart_dir is not None, req.argv
     )
     if resume is None:
         _command_exists(req.argv, env, cwd)
@@ -138,22 +138,63 @@ def _alive(step: reg.StepRecord) -> bool:
 
 
 def _resume_image(
-    rt: Runtime, step: StepId, image_dir: Path, explicit: bool
+    rt: Runtime, step: StepId, image_dir: Path, explicit: bool, argv: list[str]
 ) -> rst.StepImage | None:
     """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
     rank_dir = slurmctl.rank_image(rt, step, image_dir)
     if rank_dir is not None:  # this task's rank of a multi-node checkpoint
         image = rst.load_image(rt, rank_dir, full=False)
-        rst.preflight(rt, image, stick_to_nodes=False)
-        print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
-        return image
-    try:
-        paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)
-    except (NotFoundError, StorageError):
-        if explicit:
-            raise
-        return None
-    image = rst.load_image(rt, paths[0], full=False)
+    elif explicit:
+        image = _from_restart_dir(rt, step, image_dir, argv)
+    else:
+        try:
+            paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)
+        except (NotFoundError, StorageError):
+            return None
+        image = rst.load_image(rt, paths[0], full=False)
     rst.preflight(rt, image, stick_to_nodes=False)
     print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
     return image
+
+
+def _from_restart_dir(
+    rt: Runtime, step: StepId, restart_dir: Path, argv: list[str]
+) -> rst.StepImage:
+    """`--restart-dir DIR` (srun's, SLURM_RESTART_DIR): the checkpoint in DIR, resumed as step.
+
+    A job resubmitted after its time limit gets a new job id: DIR then holds the old job's
+    checkpoints, which are restored into the new id (their files untouched).  DIR holding
+    several jobs' checkpoints is ambiguous and refused, naming them.
+    """
+    present = checkpoints_in(restart_dir)
+    jobs = sorted({job for job, _, _ in present})
+    if step.job_id in jobs:
+        source = step.job_id
+    elif len(jobs) == 1:
+        source = jobs[0]
+    elif jobs:
+        raise UsageError(
+            f"--restart-dir {restart_dir} holds checkpoints of several jobs ("
+            + ", ".join(str(j) for j in jobs)
+            + "): give a directory with one job's checkpoints"
+        )
+    else:
+        raise NotFoundError(f"--restart-dir {restart_dir}: no ccr checkpoint in it")
+    ref = JobRef(source, step.step_id if source == step.job_id else None)
+    found = [
+        (s, rst.load_image(rt, p, full=False)) for s, p in rst.find_named_images(ref, restart_dir)
+    ]
+    if len(found) > 1:  # several steps: the one that ran this command, else this step id
+        same = [f for f in found if f[1].manifest.argv == argv] or [
+            f for f in found if f[0].step_id == step.step_id
+        ]
+        if len(same) != 1:
+            steps = ", ".join(str(s) for s, _ in found)
+            raise UsageError(
+                f"--restart-dir {restart_dir} holds several steps of job {source} ({steps}) "
+                "and none is this command's: run with --step-id to pick one"
+            )
+        found = same
+    named, image = found[0]
+    image = rst.as_step(image, named, rename=False)
+    return rst.as_step(image, step, rename=True)
