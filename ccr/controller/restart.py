@@ -64,8 +64,13 @@ class RestartResult:
     unpack_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        gen = self.checkpoint.parent if self.checkpoint.name.isdigit() else self.checkpoint
+        suffix = gen.name.rsplit(".", 1)[-1]
         return {
             "step": str(self.step),
+            "job_id": self.step.job_id,
+            "step_id": self.step.step_id,
+            "generation": int(suffix) if suffix.isdigit() else None,
             "pid": self.pid,
             "supervisor_pid": self.supervisor_pid,
             "checkpoint": str(self.checkpoint),
@@ -235,7 +240,9 @@ def restore_into(
             raise MaxWaitExceeded(
                 f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
             )
-        result = criu.restore(raw_dir, work, timeout=remaining)
+        # CRIU reports no progress: a spinner names the phase instead of a blank screen.
+        with progress.task(f"restoring {image.step} (CRIU)", 0):
+            result = criu.restore(raw_dir, work, timeout=remaining)
     finally:
         if packed:
             discard(raw_dir)
