@@ -65,9 +65,9 @@ def _emit(data: Any, as_json: bool, text: str, detail: str = "") -> None:
             print(detail)
 
 
-def _progress_bar() -> Any:
-    """A rich progress bar on stderr when it is a terminal; None (no output) otherwise."""
-    if Verbosity.level < 0 or not sys.stderr.isatty():
+def _progress_bar(console: Any = None) -> Any:
+    """A rich progress bar on stderr when it is a terminal (or on console); None otherwise."""
+    if console is None and (Verbosity.level < 0 or not sys.stderr.isatty()):
         return None
     from rich.console import Console
     from rich.progress import (
@@ -86,7 +86,7 @@ def _progress_bar() -> Any:
         TextColumn("{task.fields[bytes]}"),
         TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console or Console(stderr=True),
         transient=True,
     )
     tasks: dict[int, Any] = {}
