@@ -93,7 +93,8 @@ def _progress_bar(console: Any = None) -> Any:
 
     def listen(task_id: int, description: str, done: int, total: int) -> None:
         if task_id not in tasks:
-            tasks[task_id] = bar.add_task(description, total=total or None, bytes="", speed="")
+            size = progress.mib_fraction(max(done, 0), total) if total else ""
+            tasks[task_id] = bar.add_task(description, total=total or None, bytes=size, speed="")
         if done < 0:
             bar.update(tasks[task_id], completed=total or 0, visible=False)
         else:
