@@ -797,7 +797,9 @@ def _normalise(root: Any, args: list[str]) -> tuple[list[str], bool]:
         out.append(arg)
         if sub is not None:
             current = sub
-        elif not current.allow_interspersed_args:
+        elif not current.context_settings.get(
+            "allow_interspersed_args", current.allow_interspersed_args
+        ):
             out += args[i:]  # e.g. ccr run's command and its own arguments
             break
     return front + out, as_json
