@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ccr-installed
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml scripts/install-criu.sh scripts/setup.sh
+$(STAMP): pyproject.toml ccr/data/install-criu.sh scripts/install-criu.sh scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 

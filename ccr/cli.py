@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -18,19 +17,19 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from ccr import progress
+from ccr import __version__, progress, timestamps
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import convert, inspect, jobs, slurm_restart
+from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.checkpoint import Codec, parse_codec
 from ccr.controller.runtime import Runtime
-from ccr.errors import CcrError, JobStateError, UsageError, exit_code_for
+from ccr.errors import CcrError, CriuError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_commands import register as register_slurm_commands
-from ccr.slurm_time import parse_slurm_time
+from ccr.slurm_time import format_seconds, parse_slurm_time
 from ccr.storage.imageset import checkpoint_step_dirs
 
 T = TypeVar("T")
@@ -68,38 +67,47 @@ def _emit(data: Any, as_json: bool, text: str, detail: str = "") -> None:
             print(detail)
 
 
-def _progress_bar() -> Any:
-    """A rich progress bar on stderr when it is a terminal; None (no output) otherwise."""
-    if Verbosity.level < 0 or not sys.stderr.isatty():
+def _progress_bar(console: Any = None) -> Any:
+    """A rich progress bar on stderr when it is a terminal (or on console); None otherwise."""
+    if console is None and (Verbosity.level < 0 or not sys.stderr.isatty()):
         return None
     from rich.console import Console
     from rich.progress import (
         BarColumn,
-        DownloadColumn,
         Progress,
+        SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
-        TransferSpeedColumn,
     )
 
+    # A phase without a byte count (CRIU restoring) shows its spinner and name alone.
     bar = Progress(
+        SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        TextColumn("{task.fields[bytes]}"),
+        TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console or Console(stderr=True),
         transient=True,
     )
     tasks: dict[int, Any] = {}
 
     def listen(task_id: int, description: str, done: int, total: int) -> None:
         if task_id not in tasks:
-            tasks[task_id] = bar.add_task(description, total=total or None)
+            size = progress.mib_fraction(max(done, 0), total) if total else ""
+            tasks[task_id] = bar.add_task(description, total=total or None, bytes=size, speed="")
         if done < 0:
             bar.update(tasks[task_id], completed=total or 0, visible=False)
         else:
             bar.update(tasks[task_id], completed=done)
+            if total:
+                task = bar.tasks[tasks[task_id]]
+                bar.update(
+                    tasks[task_id],
+                    bytes=progress.mib_fraction(done, total),
+                    speed=progress.mib_rate(task.speed),
+                )
 
     progress.set_listener(listen)
     return bar
@@ -114,10 +122,27 @@ def _showing_progress(call: Callable[[], T]) -> T:
         return call()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ccr {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say more (CRIU logs, stats)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors (and --json)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Say more (CRIU logs, stats); also after the command."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print only errors (and --json); also after the command."
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="Print ccr's version and exit (`ccr version` adds CRIU's).",
+    ),
 ) -> None:
     """Transparent checkpoint/restart of batch job steps with CRIU."""
     Verbosity.level = -1 if quiet else (1 if verbose else 0)
@@ -175,7 +200,8 @@ def run(
         None,
         "--checkpoint",
         envvar=["SLURM_CHECKPOINT", "SBATCH_CHECKPOINT"],
-        help="Checkpoint interval in a Slurm time format (10, 0:30, 1:00:00, 2-3:04:05); 0: none.",
+        help="Checkpoint interval in a Slurm time format: a bare number is minutes (10 = 10 min);"
+        " M:S, H:M:S, D-H, D-H:M, D-H:M:S (0:30 = 30 s); 0: none.",
     ),
     keep: int = typer.Option(
         2, "--keep", min=1, help="Complete checkpoint generations to keep per step."
@@ -207,11 +233,24 @@ def run(
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
     mkdir: bool = typer.Option(False, "--mkdir", help=MKDIR_HELP),
+    no_checkpoint_check: bool = typer.Option(
+        False,
+        "--no-checkpoint-check",
+        help="Start the step even if CRIU or pycriu is missing (it cannot be checkpointed).",
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON object: at once with --detach, else when the step exits.",
+    ),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
 
     Example: ccr run --job-id 42 --checkpoint 0:30 -- python train.py
     """
+    rt = Runtime.from_env()
+    if not no_checkpoint_check:
+        doctor.require_checkpointing(rt.state_dir)
     preempt = {_signal_number(signal_name), signal.SIGTERM}
     settings = sup.SupervisorSettings(
         interval=_interval(checkpoint),
@@ -233,18 +272,40 @@ def run(
         mkdir=mkdir,
     )
 
+    started: dict[str, Any] = {}
+
     def announce(message: dict[str, Any]) -> None:
+        started.update(_run_json(message, detach))
         if detach:
-            print(message["step"])
-        else:
+            print(json.dumps(started) if as_json else message["step"])
+        elif Verbosity.level >= 0:
             where = f", output {message['output']}" if "output" in message else ""
             print(
                 f"ccr: step {message['step']} running (pid {message['pid']}{where})",
                 file=sys.stderr,
             )
 
-    code = runner.run(Runtime.from_env(), req, announce)
+    code = runner.run(rt, req, announce)
+    if as_json and not detach:
+        # One line, so that it can be told apart from what the step itself printed.
+        print(json.dumps({**started, "exit_code": code}))
     raise typer.Exit(code)
+
+
+def _run_json(message: dict[str, Any], detach: bool) -> dict[str, Any]:
+    """`ccr run --json`'s object from the supervisor's start report."""
+    job, _, step = str(message["step"]).partition(".")
+    return {
+        "step": message["step"],
+        "job_id": int(job),
+        "step_id": int(step),
+        "pid": message.get("pid"),
+        "supervisor_pid": message.get("supervisor_pid"),
+        "output": message.get("output"),
+        "resumed": message.get("resumed"),
+        "detached": detach,
+        "exit_code": None,
+    }
 
 
 def _create(
@@ -322,11 +383,14 @@ def _restart(
         ok = all(c.ok for c in checks)
         lines = [f"{'ok ' if c.ok else 'NO '} {c.name}: {c.detail}" for c in checks]
         lines.append(f"restart of {target}: {'possible' if ok else 'blocked'}")
-        _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
+        ref = rst.ref_of_path(path) if path is not None else _ref(target)
+        data = _restart_json(ref, "check", ok=ok, checks=[c.to_dict() for c in checks])
+        _emit(data, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
     if path is not None:
         if image_dir is not None or new_job or rename:
             raise UsageError("restart CKPT takes no --image-dir, --new-job or --rename")
+        ref = rst.ref_of_path(path)
         results = _showing_progress(
             lambda: rst.restart_path(Runtime.from_env(), path, stick, _max_wait(max_wait))
         )
@@ -336,7 +400,7 @@ def _restart(
             Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
         )
         if dist is not None:
-            _emit(dist.to_dict(), as_json, dist.describe())
+            _emit(_restart_json(ref, dist.mode, **dist.to_dict()), as_json, dist.describe())
             return
         results = _showing_progress(
             lambda: rst.restart(
@@ -348,7 +412,13 @@ def _restart(
         + (f", of which unpacking {r.unpack_time:.2f}s)" if r.unpack_time else ")")
         for r in results
     ]
-    _emit([r.to_dict() for r in results], as_json, "\n".join(lines))
+    data = _restart_json(ref, "local", steps=[r.to_dict() for r in results])
+    _emit(data, as_json, "\n".join(lines))
+
+
+def _restart_json(ref: JobRef, mode: str, **fields: Any) -> dict[str, Any]:
+    """restart's one shape: mode is local, check, requeued or submitted (multi-node)."""
+    return {"job_id": ref.job_id, "step_id": ref.step_id, "mode": mode, "steps": [], **fields}
 
 
 @app.command()
@@ -397,7 +467,7 @@ def show(
     data = inspect.show(Runtime.from_env(), target, image_dir)
     lines = []
     for d in data:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created"]))
+        created = timestamps.local(d["created_epoch"])
         lines += [
             f"{d['step']}  generation {d['generation']}  {d['checkpoint']}",
             f"  command   {' '.join(d['command'])}  (cwd {d['cwd']})",
@@ -414,7 +484,7 @@ def show(
                 f"    {proc['pid']:>6} ppid {proc['ppid']:<6} {proc['command']:<16} "
                 f"threads {proc['threads']:<3} rss {proc['rss_bytes'] / 2**20:.1f} MiB"
             )
-    _emit(data, as_json, "\n".join(lines))
+    _emit({"checkpoints": data}, as_json, "\n".join(lines))
 
 
 @app.command("list")
@@ -428,7 +498,7 @@ def list_(as_json: bool = JSON_OPT) -> None:
     for job in data:
         for step in job["steps"]:
             lines.append(f"{step['step']:<12} {step['state']:<10} {' '.join(step['command'])}")
-    _emit(data, as_json, "\n".join(lines))
+    _emit({"jobs": data}, as_json, "\n".join(lines))
 
 
 @app.command()
@@ -439,17 +509,36 @@ def status(job_id: str = typer.Argument(..., metavar="JOBID"), as_json: bool = J
     """
     ref = _ref(job_id)
     data = jobs.job_status(Runtime.from_env(), ref.job_id)
-    lines = [f"job {data['job_id']}  checkpoint dir {data['checkpoint_dir']}"]
+    every = f"every {format_seconds(data['interval_s'])}" if data["interval_s"] else "none"
+    lines = [
+        f"job {data['job_id']}  checkpoint dir {data['checkpoint_dir']}",
+        f"  interval checkpoints: {every}, keep {data['keep']}"
+        + ("  (disabled)" if data["disabled"] else ""),
+    ]
     for step in data["steps"]:
         lines.append(
             f"  {step['step']:<10} {step['state']:<10} pids {step['pids'] or '-'}"
             + (f" exit {step['exit_code']}" if step["exit_code"] is not None else "")
         )
+        if step["next_checkpoint_epoch"] is not None and step["state"] == "running":
+            lines.append(f"    next checkpoint {timestamps.local(step['next_checkpoint_epoch'])}")
+        lines += _generation_lines(step["generations"])
+    lines += _generation_lines(data["job_generations"], "job ")
     last = data["last_checkpoint"]
     lines.append(
-        f"  last checkpoint: {last['path']} at {last['time']}" if last else "  no checkpoint yet"
+        f"  last checkpoint: {last['path']} at {timestamps.local(last['time_epoch'])}"
+        if last
+        else "  no checkpoint yet"
     )
     _emit(data, as_json, "\n".join(lines))
+
+
+def _generation_lines(gens: list[dict[str, Any]], what: str = "") -> list[str]:
+    return [
+        f"    {what}generation {g['generation']}  {timestamps.local(g['created_epoch'])}  "
+        f"{g['bytes'] / 2**20:.1f} MiB  {g['path']}"
+        for g in gens
+    ]
 
 
 @app.command()
@@ -460,8 +549,14 @@ def cancel(
 
     Example: ccr cancel 42.1
     """
-    ended = jobs.cancel(Runtime.from_env(), _ref(ref))
-    _emit({"cancelled": ended}, as_json, "\n".join(f"{s} cancelled" for s in ended))
+    job_ref = _ref(ref)
+    ended = jobs.cancel(Runtime.from_env(), job_ref)
+    steps = [{"step": s, "job_id": job_ref.job_id, "step_id": int(s.split(".")[1])} for s in ended]
+    _emit(
+        {"job_id": job_ref.job_id, "cancelled": steps},
+        as_json,
+        "\n".join(f"{s} cancelled" for s in ended),
+    )
 
 
 def _convert(ckpt_dir: Path, codec: Codec, as_json: bool) -> None:
@@ -510,7 +605,7 @@ def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool =
     for d in dirs:
         rst.load_image(rt, d)
     _emit(
-        {"checkpoint": str(target), "ok": True},
+        {"checkpoint": str(target), "ok": True, "steps": [str(d) for d in dirs]},
         as_json,
         f"{ckpt_dir}: OK ({len(dirs)} step(s) verified)",
     )
@@ -544,9 +639,22 @@ def checkpoint_group() -> None:
     """scontrol checkpoint OP JOBID[.STEPID] [ImageDir=DIR] [MaxWait=S] [StickToNodes]."""
 
 
+# scontrol's keyword options, listed in each verb's --help.
+KEYWORDS = typer.Argument(
+    None,
+    metavar="[ImageDir=DIR] [MaxWait=SECONDS] [StickToNodes]",
+    help="ImageDir=DIR: where images go (default: the job's checkpoint dir); "
+    "MaxWait=SECONDS: abandon and roll back after this long; "
+    "StickToNodes: restart only on the node the checkpoint was taken on (restart).",
+    show_default=False,
+)
+
+
 @checkpoint_app.command("create")
 def cp_create(
-    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    options: Optional[list[str]] = KEYWORDS,
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint and leave running.  Example: ccr checkpoint create 42 ImageDir=/ckpt MaxWait=30"""
     image_dir, max_wait, _ = _keywords(options or [])
@@ -555,7 +663,9 @@ def cp_create(
 
 @checkpoint_app.command("vacate")
 def cp_vacate(
-    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    options: Optional[list[str]] = KEYWORDS,
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint, then terminate.  Example: ccr checkpoint vacate 42 MaxWait=60"""
     image_dir, max_wait, _ = _keywords(options or [])
@@ -564,7 +674,9 @@ def cp_vacate(
 
 @checkpoint_app.command("requeue")
 def cp_requeue(
-    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    options: Optional[list[str]] = KEYWORDS,
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
@@ -574,7 +686,9 @@ def cp_requeue(
 
 @checkpoint_app.command("restart")
 def cp_restart(
-    ref: str, options: Optional[list[str]] = typer.Argument(None), as_json: bool = JSON_OPT
+    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+    options: Optional[list[str]] = KEYWORDS,
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Restore from the newest checkpoint.  Example: ccr checkpoint restart 42 StickToNodes"""
     image_dir, max_wait, stick = _keywords(options or [])
@@ -584,64 +698,172 @@ def cp_restart(
 @checkpoint_app.command("able")
 def cp_able(ref: str, as_json: bool = JSON_OPT) -> None:
     """Yes, No, or `Began at <time>`.  Example: ccr checkpoint able 42"""
-    answer = jobs.able(Runtime.from_env(), _ref(ref).job_id)
-    _emit({"able": answer}, as_json, answer)
+    data = jobs.able_detail(Runtime.from_env(), _ref(ref).job_id)
+    _emit(data, as_json, data["able"])
 
 
 @checkpoint_app.command("error")
 def cp_error(ref: str, as_json: bool = JSON_OPT) -> None:
     """The last checkpoint error, as `error(<code>): <msg>`.  Example: ccr checkpoint error 42"""
-    code, msg = jobs.last_error(Runtime.from_env(), _ref(ref).job_id)
-    _emit({"code": code, "message": msg}, as_json, f"error({code}): {msg}")
+    job_id = _ref(ref).job_id
+    code, msg = jobs.last_error(Runtime.from_env(), job_id)
+    _emit({"job_id": job_id, "code": code, "message": msg}, as_json, f"error({code}): {msg}")
 
 
 @checkpoint_app.command("disable")
 def cp_disable(ref: str, as_json: bool = JSON_OPT) -> None:
     """Block checkpoints (nests like a counter).  Example: ccr checkpoint disable 42"""
-    count = jobs.set_enabled(Runtime.from_env(), _ref(ref).job_id, enable=False)
-    _emit({"disabled": count}, as_json, f"disabled (count {count})")
+    job_id = _ref(ref).job_id
+    count = jobs.set_enabled(Runtime.from_env(), job_id, enable=False)
+    _emit({"job_id": job_id, "disabled": count}, as_json, f"disabled (count {count})")
 
 
 @checkpoint_app.command("enable")
 def cp_enable(ref: str, as_json: bool = JSON_OPT) -> None:
     """Undo one disable.  Example: ccr checkpoint enable 42"""
-    count = jobs.set_enabled(Runtime.from_env(), _ref(ref).job_id, enable=True)
+    job_id = _ref(ref).job_id
+    count = jobs.set_enabled(Runtime.from_env(), job_id, enable=True)
     _emit(
-        {"disabled": count}, as_json, "enabled" if count == 0 else f"still disabled (count {count})"
+        {"job_id": job_id, "disabled": count},
+        as_json,
+        "enabled" if count == 0 else f"still disabled (count {count})",
     )
+
+
+@app.command()
+def version(as_json: bool = JSON_OPT) -> None:
+    """ccr's version, CRIU's version and the CRIU features ccr can use.
+
+    Example: ccr version --json
+    """
+    data = doctor.version_info()
+    criu = data["criu"]
+    feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in criu["features"].items())
+    lines = [
+        f"ccr {data['version']} (Python {data['python']}, kernel {data['kernel']})",
+        f"CRIU {criu['version'] or 'not found'} at {criu['binary'] or '-'}"
+        + (f": {criu['error']}" if criu.get("error") else "")
+        + ("" if criu["works"] else " (criu check fails: see ccr doctor)"),
+    ]
+    if feats:
+        lines.append(f"CRIU features: {feats}")
+    lines.append(f"pycriu: {'importable' if data['pycriu'] else 'missing (see ccr doctor)'}")
+    _emit(data, as_json, "\n".join(lines))
+
+
+@app.command("doctor")
+def doctor_(as_json: bool = JSON_OPT) -> None:
+    """Say what checkpointing needs and is missing here, and how to get it (exit 0 or 5).
+
+    Example: ccr doctor
+    """
+    findings = doctor.diagnose()
+    ok = all(f.ok for f in findings)
+    lines = []
+    for f in findings:
+        lines.append(f"{'ok ' if f.ok else 'NO '} {f.name}: {f.detail}")
+        if f.fix:
+            lines.append(f"      fix: {f.fix}")
+    lines.append("ccr can checkpoint here" if ok else "ccr cannot checkpoint here (see the fixes)")
+    _emit({"ok": ok, "checks": [f.to_dict() for f in findings]}, as_json, "\n".join(lines))
+    raise typer.Exit(0 if ok else CriuError.exit_code)
 
 
 app.add_typer(checkpoint_app, name="checkpoint")
 register_slurm_commands(app)
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _normalise(root: Any, args: list[str]) -> tuple[list[str], bool]:
+    """Move -q/-v given after a subcommand to the front; say whether --json was given.
+
+    Only ccr's own options count: not an option's value, nothing after `--`, and nothing
+    from `ccr run`'s command onwards (`ccr run python x.py -v` passes -v to x.py).
+    """
+    front: list[str] = []
+    out: list[str] = []
+    current = root
+    as_json = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            out += args[i - 1 :]
+            break
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            out.append(arg)
+            name = arg.split("=", 1)[0]
+            param = next(
+                (
+                    p
+                    for p in current.params
+                    if p.param_type_name == "option" and name in (*p.opts, *p.secondary_opts)
+                ),
+                None,
+            )
+            if name == "--json" and param is not None:
+                as_json = True
+            takes_value = param is not None and not (param.is_flag or param.count)
+            if takes_value and "=" not in arg and i < len(args):
+                out.append(args[i])
+                i += 1
+            continue
+        sub = getattr(current, "commands", {}).get(arg)
+        out.append(arg)
+        if sub is not None:
+            current = sub
+        elif not current.context_settings.get(
+            "allow_interspersed_args", current.allow_interspersed_args
+        ):
+            out += args[i:]  # e.g. ccr run's command and its own arguments
+            break
+    return front + out, as_json
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    """Report an error: one line `ccr: error: ...`, or under --json {"error", "code"}."""
+    if as_json:
+        print(json.dumps({"error": message, "code": code}), file=sys.stderr)
+    else:
+        print(f"ccr: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: every error becomes one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
+    args, as_json = _normalise(command, list(sys.argv[1:] if argv is None else argv))
     try:
-        result = command.main(args=argv, prog_name="ccr", standalone_mode=False)
+        result = command.main(args=args, prog_name="ccr", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
-        print("ccr: aborted", file=sys.stderr)
-        code = 130
+        code = _fail("aborted", 130, as_json)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.format_message())  # `ccr` (or `ccr checkpoint`) alone: the help, not an error
+        code = 0
     except click.ClickException as exc:
-        print(f"ccr: error: {exc.format_message()}", file=sys.stderr)
-        code = exc.exit_code
+        code = _fail(exc.format_message(), exc.exit_code, as_json)
     except CcrError as exc:
-        print(f"ccr: error: {exc}", file=sys.stderr)
-        code = exit_code_for(exc)
+        code = _fail(str(exc), exit_code_for(exc), as_json)
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
         if os.environ.get("CCR_DEBUG"):
             raise
-        print(
-            f"ccr: internal error: {type(exc).__name__}: {exc} (CCR_DEBUG=1 for details)",
-            file=sys.stderr,
-        )
-        code = 1
+        message = f"{type(exc).__name__}: {exc} (CCR_DEBUG=1 for details)"
+        if as_json:
+            code = _fail(f"internal error: {message}", 1, True)
+        else:
+            print(f"ccr: internal error: {message}", file=sys.stderr)
+            code = 1
     sys.stdout.flush()
     sys.exit(code)
 

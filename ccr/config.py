@@ -56,7 +56,7 @@ def criu_binary() -> str:
         return str(local)
     found = shutil.which("criu")
     if not found:
-        raise CcrError("CRIU not found: run scripts/install-criu.sh (or set CCR_CRIU)")
+        raise CcrError("CRIU not found (set CCR_CRIU, or see `ccr doctor`)")
     return found
 
 

@@ -83,3 +83,13 @@ def watch_directory(description: str, path: Path, total: int) -> Iterator[None]:
         finally:
             stop.set()
             thread.join()
+
+
+def mib_fraction(done: int, total: int) -> str:
+    """`12.0/512.0 MiB`: binary units, as every other size ccr prints."""
+    return f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB"
+
+
+def mib_rate(bytes_per_second: float | None) -> str:
+    """`85.3 MiB/s`, or "" while no rate is known yet."""
+    return "" if not bytes_per_second else f"{bytes_per_second / 2**20:.1f} MiB/s"

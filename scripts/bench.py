@@ -526,8 +526,8 @@ def ccr_cycle(bench: Bench, variant: str, job: int) -> tuple[Sample, psutil.Proc
     reap_zombies()  # the vacated step's supervisor has exited
     evict(Path(made["path"]))
     restart, restored = bench.ccr(["restart", ref, "--json"])
-    assert isinstance(restored, list)
-    (result,) = restored
+    assert isinstance(restored, dict)
+    (result,) = restored["steps"]
     root = bench.adopt_ccr_step(job)
     if root.pid != result["pid"]:
         raise RuntimeError(f"ccr restarted {ref} as pid {result['pid']}, status says {root.pid}")

@@ -224,6 +224,8 @@ import json, os, sys
 
 create, restart, show = (json.load(open(p)) for p in sys.argv[1:4])
 t0, t1, t2, t3 = map(float, sys.argv[4:8])
+show = show.get("checkpoints", show) if isinstance(show, dict) else show
+restart = restart.get("steps", restart) if isinstance(restart, dict) else restart
 m = show[0] if isinstance(show, list) else show
 g, st = m.get("gpu") or {}, m.get("stats") or {}
 c = create[0] if isinstance(create, list) else create

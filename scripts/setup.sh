@@ -11,5 +11,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# The distribution was called `ccr` before it became `ccr-criu` (PyPI's `ccr` is another
+# project): drop such an old install so that one distribution owns the `ccr` package.
+if .venv/bin/python -m pip show -q ccr >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -y -q ccr >/dev/null
+fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 bash scripts/install-criu.sh .venv/bin/python

@@ -269,7 +269,7 @@ def vacate(ccr: Ccr, ref: str) -> dict[str, Any]:
 
 
 def restart(ccr: Ccr, ref: str) -> list[dict[str, Any]]:
-    results = json_out(ccr.run("restart", ref, "--json"))
+    results = json_out(ccr.run("restart", ref, "--json"))["steps"]
     assert isinstance(results, list) and results
     for res in results:
         assert 0 <= res["unpack_time"] <= res["restore_time"]
@@ -720,7 +720,7 @@ def test_bad_image_dir_for_restart_and_run_is_one_line_error(ccr: Ccr, readonly_
         "run", "--detach", "--checkpoint-dir", str(afile / "x"), "--", "true", check=False
     )
     assert_cli_error(proc, 8, "not-a-dir")
-    assert json.loads(ccr.run("list", "--json").stdout) == []
+    assert json.loads(ccr.run("list", "--json").stdout) == {"jobs": []}
 
 
 @pytest.mark.parametrize("cmd", ["no-such-command-ccr-test", "./missing.sh", "/nonexistent/bin/x"])
@@ -729,7 +729,7 @@ def test_command_not_found_is_one_line_error(ccr: Ccr, cmd: str, detach: bool) -
     args = ["run", *(["--detach"] if detach else []), "--", cmd, "arg"]
     proc = ccr.run(*args, check=False)
     assert_cli_error(proc, 2, "command not found", cmd)
-    assert json.loads(ccr.run("list", "--json").stdout) == []
+    assert json.loads(ccr.run("list", "--json").stdout) == {"jobs": []}
 
 
 def test_not_executable_is_one_line_error(ccr: Ccr) -> None:
@@ -772,7 +772,14 @@ def test_cancel_ends_a_restored_tree(ccr: Ccr) -> None:
     text = ccr.run("status", step.split(".")[0]).stdout
     assert f"{step}" in text and "cancelled" in text
     listed = json.loads(ccr.run("list", "--json").stdout)
-    assert listed[0]["steps"][0] == {"step": step, "state": "cancelled", "command": [PY, str(prog)]}
+    job_id, step_id = (int(x) for x in step.split("."))
+    assert listed["jobs"][0]["steps"][0] == {
+        "step": step,
+        "job_id": job_id,
+        "step_id": step_id,
+        "state": "cancelled",
+        "command": [PY, str(prog)],
+    }
     # Nothing left to cancel, nothing to restart over (the checkpoint stays restorable).
     assert_cli_error(ccr.run("cancel", step, check=False), 4, step)
 
@@ -888,7 +895,7 @@ def test_images_are_private(ccr: Ccr) -> None:
     for s in steps:
         wait_for(lambda s=s: ccr.step(s)["exit_code"] is not None, what=f"{s} vacated")
     counts = {s: len(lines(out_file(ccr, s))) for s in steps}
-    results = json_out(ccr.run("restart", "11", "--image-dir", str(images), "--json"))
+    results = json_out(ccr.run("restart", "11", "--image-dir", str(images), "--json"))["steps"]
     assert sorted(r["step"] for r in results) == steps
     for s in steps:
         wait_lines(out_file(ccr, s), counts[s] + 5)

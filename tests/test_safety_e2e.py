@@ -3,6 +3,7 @@ a directory name create nothing, and a checkpoint is never nested inside another
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -119,7 +120,9 @@ def test_restart_by_path(ccr: Ccr) -> None:
     resumed_from(out, seen, last)
     last = vacated(ccr, 9010, "9010.0", out)
     seen = len(numbers(out))
-    ccr.run("restart", "9010.0.ckpt")  # the link, relative to the cwd
+    restarted = json.loads(ccr.run("restart", "9010.0.ckpt", "--json").stdout)  # link, relative
+    assert (restarted["job_id"], restarted["step_id"], restarted["mode"]) == (9010, 0, "local")
+    assert [s["step"] for s in restarted["steps"]] == ["9010.0"]
     resumed_from(out, seen, last)
     ccr.run("cancel", "9010")
     seen = len(numbers(out))

@@ -26,7 +26,7 @@ def test_show_decodes_criu_images(ccr: Ccr) -> None:
         assert field in stats
     assert stats["pages_written"] > 100 and stats["pages_scanned"] >= stats["pages_written"]
     assert created["ratio"] > 1.0
-    shown = json.loads(ccr.run("show", "81.0", "--json").stdout)[0]
+    shown = json.loads(ccr.run("show", "81.0", "--json").stdout)["checkpoints"][0]
     assert shown["authenticated"] is True
     assert shown["command"] == ["python3", "counter.py"]
     procs = {p["pid"]: p for p in shown["processes"]}
@@ -61,7 +61,8 @@ def test_compress_decompress_in_place_and_restart(ccr: Ccr) -> None:
     assert any(p.name.startswith("pages-") and p.suffix == ".img" for p in ckpt.iterdir())
     ccr.run("compress", str(ckpt), "--compress", "zstd:3")
     assert all(not (p.name.startswith("pages-") and p.suffix == ".img") for p in ckpt.iterdir())
-    assert json.loads(ccr.run("show", str(ckpt), "--json").stdout)[0]["compression"] == "zstd:3"
+    shown = json.loads(ccr.run("show", str(ckpt), "--json").stdout)["checkpoints"]
+    assert shown[0]["compression"] == "zstd:3"
     ccr.run("verify", str(ckpt))
     ccr.run("decompress", str(ckpt))
     ccr.run("verify", str(ckpt))
@@ -93,7 +94,10 @@ def test_quiet_and_json_everywhere(ccr: Ccr) -> None:
         ["verify", str(ccr.work / "85.ckpt")],
     ):
         json.loads(ccr.run(*args, "--json").stdout)
-    assert json.loads(ccr.run("cancel", "85", "--json").stdout) == {"cancelled": ["85.0"]}
+    assert json.loads(ccr.run("cancel", "85", "--json").stdout) == {
+        "job_id": 85,
+        "cancelled": [{"step": "85.0", "job_id": 85, "step_id": 0}],
+    }
 
 
 def test_python_api(ccr: Ccr, monkeypatch: pytest.MonkeyPatch) -> None:

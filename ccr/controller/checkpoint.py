@@ -33,6 +33,7 @@ from ccr.storage.manifest import (
     describe_files,
     write_signed,
 )
+from ccr.timestamps import stamp
 
 
 def default_codec() -> Codec:
@@ -67,8 +68,13 @@ class CheckpointResult:
     manifests: list[StepManifest] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
+        suffix = self.path.name.rsplit(".", 1)[-1]
+        created = self.manifests[0].created if self.manifests else None
         return {
-            "job": str(self.ref),
+            "job_id": self.ref.job_id,
+            "step_id": self.ref.step_id,
+            "generation": int(suffix) if suffix.isdigit() else None,
+            **stamp("created", created),
             "path": str(self.path),
             "link": str(self.link),
             "steps": self.steps,

@@ -18,6 +18,7 @@ from ccr.errors import CcrError, NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
 from ccr.storage.imageset import FAST_SCRATCH, checkpoint_step_dirs
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, StepManifest, read_json
+from ccr.timestamps import stamp
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -80,6 +81,12 @@ def process_tree(step_dir: Path) -> list[dict[str, Any]]:
     return procs
 
 
+def _generation_number(gen: Path) -> int | None:
+    """7 for `42.0.ckpt.7`; None for a directory not named like a generation (a copy)."""
+    suffix = gen.name.rsplit(".", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
+
+
 def show(rt: Runtime, target: str, image_dir: Path | None = None) -> list[dict[str, Any]]:
     """Everything about each step checkpoint that target names."""
     key = rt.manifest_key(create=False)
@@ -102,14 +109,16 @@ def show(rt: Runtime, target: str, image_dir: Path | None = None) -> list[dict[s
             {
                 "checkpoint": str(step_dir),
                 "step": f"{manifest.job_id}.{manifest.step_id}",
-                "generation": generation.name.rsplit(".", 1)[-1],
+                "job_id": manifest.job_id,
+                "step_id": manifest.step_id,
+                "generation": _generation_number(generation),
                 "authenticated": authenticated,
                 "command": manifest.argv,
                 "cwd": manifest.cwd,
                 "output": manifest.output,
                 "node": manifest.hostname,
                 "uid": manifest.uid,
-                "created": manifest.created,
+                **stamp("created", manifest.created),
                 "criu_version": manifest.criu_version,
                 "compression": manifest.compression,
                 "image_bytes": raw,

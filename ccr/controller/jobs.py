@@ -13,6 +13,7 @@ from ccr.ids import JobRef, checkpoint_name
 from ccr.storage import registry as reg
 from ccr.storage.imageset import CheckpointSeries
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, read_json
+from ccr.timestamps import stamp
 
 
 def live_state(step: reg.StepRecord) -> str:
@@ -25,15 +26,12 @@ def live_state(step: reg.StepRecord) -> str:
     return step.state
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
-
-
 def step_status(step: reg.StepRecord) -> dict[str, Any]:
     state = live_state(step)
     pids = process.tree_pids(step.init_pid) if state == reg.RUNNING and step.init_pid else []
     return {
         "step": f"{step.job_id}.{step.step_id}",
+        "job_id": step.job_id,
         "step_id": step.step_id,
         "state": state,
         "pids": pids,
@@ -42,10 +40,10 @@ def step_status(step: reg.StepRecord) -> dict[str, Any]:
         "command": step.argv,
         "cwd": step.cwd,
         "output": step.output,
-        "started": _iso(step.started),
-        "ended": _iso(step.ended),
+        **stamp("started", step.started),
+        **stamp("ended", step.ended),
         "exit_code": step.exit_code,
-        "next_checkpoint": _iso(step.next_checkpoint),
+        **stamp("next_checkpoint", step.next_checkpoint),
     }
 
 
@@ -63,7 +61,7 @@ def generations(image_dir: Path, name: str) -> list[dict[str, Any]]:
             {
                 "path": str(gen.path),
                 "generation": gen.number,
-                "created": _iso(created),
+                **stamp("created", created),
                 "bytes": size,
             }
         )
@@ -93,7 +91,7 @@ def job_status(rt: Runtime, job_id: int) -> dict[str, Any]:
         if last is None
         else {
             "path": last.path,
-            "time": _iso(last.created),
+            **stamp("time", last.created),
             "step_id": last.step_id,
             "frozen_time": round(last.frozen_time, 4),
             "total_time": round(last.total_time, 4),
@@ -111,7 +109,13 @@ def list_jobs(rt: Runtime) -> list[dict[str, Any]]:
             "job_id": j.job_id,
             "checkpoint_dir": j.checkpoint_dir,
             "steps": [
-                {"step": f"{s.job_id}.{s.step_id}", "state": live_state(s), "command": s.argv}
+                {
+                    "step": f"{s.job_id}.{s.step_id}",
+                    "job_id": s.job_id,
+                    "step_id": s.step_id,
+                    "state": live_state(s),
+                    "command": s.argv,
+                }
                 for s in j.steps
             ],
         }
@@ -136,13 +140,20 @@ def cancel(rt: Runtime, ref: JobRef, grace: float = 5.0) -> list[str]:
 
 def able(rt: Runtime, job_id: int) -> str:
     """scontrol's answer: 'Yes', 'No' (disabled or nothing running) or 'Began at <time>'."""
+    return str(able_detail(rt, job_id)["able"])
+
+
+def able_detail(rt: Runtime, job_id: int) -> dict[str, Any]:
+    """`able`'s answer with the job id and, while a checkpoint runs, when it began."""
     with rt.registry() as db:
         job = db.job(job_id)
     if job.ckpt_began is not None:
-        return f"Began at {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(job.ckpt_began))}"
-    if job.disabled or not any(live_state(s) == reg.RUNNING for s in job.steps):
-        return "No"
-    return "Yes"
+        answer = f"Began at {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(job.ckpt_began))}"
+    elif job.disabled or not any(live_state(s) == reg.RUNNING for s in job.steps):
+        answer = "No"
+    else:
+        answer = "Yes"
+    return {"job_id": job_id, "able": answer, **stamp("began", job.ckpt_began)}
 
 
 def last_error(rt: Runtime, job_id: int) -> tuple[int, str]:

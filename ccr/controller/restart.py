@@ -42,6 +42,7 @@ from ccr.storage.manifest import (
     JobManifest,
     StepManifest,
     load_step_manifest,
+    read_json,
     read_verified,
     verify_files,
 )
@@ -72,8 +73,13 @@ class RestartResult:
     unpack_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        gen = self.checkpoint.parent if self.checkpoint.name.isdigit() else self.checkpoint
+        suffix = gen.name.rsplit(".", 1)[-1]
         return {
             "step": str(self.step),
+            "job_id": self.step.job_id,
+            "step_id": self.step.step_id,
+            "generation": int(suffix) if suffix.isdigit() else None,
             "pid": self.pid,
             "supervisor_pid": self.supervisor_pid,
             "checkpoint": str(self.checkpoint),
@@ -258,7 +264,9 @@ def restore_into(
             raise MaxWaitExceeded(
                 f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
             )
-        result = criu.restore(raw_dir, work, timeout=remaining)
+        # CRIU reports no progress: a spinner names the phase instead of a blank screen.
+        with progress.task(f"restoring {image.step} (CRIU)", 0):
+            result = criu.restore(raw_dir, work, timeout=remaining)
     finally:
         if packed:
             discard(raw_dir)
@@ -334,6 +342,20 @@ def checkpoint_path(target: str) -> Path | None:
             f"malformed job id {target!r}: expected <jobid>, <jobid>.<stepid> or a checkpoint path"
         )
     return path
+
+
+def ref_of_path(path: Path) -> JobRef:
+    """The job (or step, when it holds one) that the checkpoint at path names."""
+    steps = [read_json(d / MANIFEST) for d in checkpoint_step_dirs(path)]
+    try:
+        ids = {(int(m["job_id"]), int(m["step_id"])) for m in steps}
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{path} is not a ccr checkpoint") from None
+    jobs = {job for job, _ in ids}
+    if len(jobs) != 1:
+        raise IntegrityError(f"{path} holds steps of several jobs: {sorted(jobs)}")
+    job = jobs.pop()
+    return JobRef(job, next(iter(ids))[1] if len(ids) == 1 else None)
 
 
 def images_at(rt: Runtime, path: Path) -> list[StepImage]:

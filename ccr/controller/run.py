@@ -117,10 +117,26 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
             result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
             with rt.registry() as db:
                 db.bump_restart_count(step.job_id)
-            report({"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)})
+            report(
+                {
+                    "ok": True,
+                    "step": str(step),
+                    "pid": result.pid,
+                    "supervisor_pid": os.getpid(),
+                    "resumed": str(resume.path),
+                }
+            )
         else:
             pid = supervisor.start_fresh(req.argv, cwd, env, output)
-            report({"ok": True, "step": str(step), "pid": pid, "output": str(output)})
+            report(
+                {
+                    "ok": True,
+                    "step": str(step),
+                    "pid": pid,
+                    "supervisor_pid": os.getpid(),
+                    "output": str(output),
+                }
+            )
         slurmctl.record_task(rt, step)
         return supervisor.wait()
 

@@ -37,7 +37,8 @@ class SlurmRestart:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "job": str(self.source),
+            "job_id": self.source.job_id,
+            "step_id": self.source.step_id,
             "slurm_job": self.job_id,
             "mode": self.mode,
             "checkpoints": [str(p) for p in self.checkpoints],
