@@ -55,6 +55,7 @@ def create(
     max_wait: float | None = None,
     stop: bool = False,
     compress: str | None = None,
+    tcp_established: bool = False,
 ) -> ckpt.CheckpointResult:
     """Checkpoint a job or step (`ccr create`); stop=True vacates it."""
     opts = ckpt.CheckpointOptions(
@@ -62,6 +63,7 @@ def create(
         max_wait=max_wait,
         stop=stop,
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
+        tcp_established=tcp_established or ckpt.tcp_established_default(),
     )
     return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
 
@@ -72,6 +74,7 @@ def restart(
     image_dir: str | Path | None = None,
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
+    tcp_established: bool = False,
 ) -> list[rst.RestartResult]:
     """Restore a job or step from its newest checkpoint (`ccr restart`)."""
     return rst.restart(
@@ -80,6 +83,7 @@ def restart(
         Path(image_dir) if image_dir else None,
         stick_to_nodes,
         max_wait,
+        tcp_established,
     )
 
 

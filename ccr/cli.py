@@ -45,6 +45,15 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="scontrol's `checkpoint`
 
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
 COMPRESS_HELP = "Image codec: zstd[:LEVEL] (default zstd:1) or none; env CCR_COMPRESS."
+TCP_HELP = (
+    "Also checkpoint TCP connections to peers outside the step (they must be there, at the "
+    "same address, at restart); env CCR_TCP_ESTABLISHED=1.  Connections inside the step are "
+    "always checkpointed."
+)
+
+
+def _tcp(flag: bool) -> bool:
+    return flag or ckpt.tcp_established_default()
 
 
 def _codec(text: Optional[str]) -> Codec:
@@ -204,6 +213,12 @@ def run(
         help="Return at once, printing <jobid>.<stepid>; a background supervisor stays.",
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
+    private_tmp: bool = typer.Option(
+        True,
+        "--private-tmp/--no-private-tmp",
+        help="Give the step a /tmp of its own, checkpointed with it (default), or the node's.",
+    ),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
 
@@ -217,6 +232,8 @@ def run(
         grace=_max_wait(grace),
         max_wait=_max_wait(max_wait),
         codec=_codec(compress),
+        private_tmp=private_tmp,
+        tcp_established=_tcp(tcp_established),
     )
     req = runner.RunRequest(
         argv=command,
@@ -250,10 +267,15 @@ def _create(
     stop: bool,
     as_json: bool,
     compress: Optional[str] = None,
+    tcp_established: bool = False,
 ) -> None:
     ref = _ref(ref_text)
     opts = ckpt.CheckpointOptions(
-        image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
+        image_dir=image_dir,
+        max_wait=_max_wait(max_wait),
+        stop=stop,
+        codec=_codec(compress),
+        tcp_established=_tcp(tcp_established),
     )
     result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
@@ -287,13 +309,14 @@ def create(
         help="Keep the job running (default) or terminate it after the checkpoint.",
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint every live step of a job, or one step (scontrol checkpoint create).
 
     Example: ccr create 42.0 --image-dir /scratch/ckpt --max-wait 60
     """
-    _create(ref, image_dir, max_wait, not leave_running, as_json, compress)
+    _create(ref, image_dir, max_wait, not leave_running, as_json, compress, tcp_established)
 
 
 def _restart(
@@ -304,6 +327,7 @@ def _restart(
     as_json: bool,
     check: bool = False,
     new_job: bool = False,
+    tcp_established: bool = False,
 ) -> None:
     ref = _ref(ref_text)
     if check:
@@ -320,7 +344,9 @@ def _restart(
         _emit(dist.to_dict(), as_json, dist.describe())
         return
     results = _showing_progress(
-        lambda: rst.restart(Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait))
+        lambda: rst.restart(
+            Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), _tcp(tcp_established)
+        )
     )
     lines = [
         f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s"
@@ -348,13 +374,14 @@ def restart(
     new_job: bool = typer.Option(
         False, "--new-job", help="Multi-node checkpoint: submit a new job instead of requeueing."
     ),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest complete checkpoint (scontrol checkpoint restart).
 
     Example: ccr restart 42 --image-dir /scratch/ckpt
     """
-    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job)
+    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job, tcp_established)
 
 
 @app.command()

@@ -49,6 +49,13 @@ class CheckpointOptions:
     stop: bool = False  # vacate: terminate the tree once the checkpoint is safe
     keep: int | None = None  # generations to keep; None: the job's setting
     codec: Codec = field(default_factory=default_codec)
+    # Also checkpoint TCP connections to peers outside the step (--tcp-established).
+    tcp_established: bool = field(default_factory=lambda: tcp_established_default())
+
+
+def tcp_established_default() -> bool:
+    """`CCR_TCP_ESTABLISHED=1`: checkpoint connections to outside the step by default."""
+    return os.environ.get("CCR_TCP_ESTABLISHED", "") not in ("", "0", "no", "false")
 
 
 @dataclass
@@ -247,6 +254,7 @@ def _dump_step(
     if gpu_seqs is not None:
         gpu_seqs.append(seq)
     pids = process.tree_pids(step.init_pid)
+    tcp, lock = _tcp_mode(criu, step, pids, opts.tcp_established)
     work = rt.work_dir(f"{step.id}-dump")
     compressed = opts.codec.name != "none"
     # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
@@ -262,6 +270,8 @@ def _dump_step(
                 work,
                 final_state="stopped" if opts.stop else "running",
                 timeout=seq.remaining(),
+                tcp_established=tcp,
+                network_lock=lock,
             )
         if not opts.stop:
             seq.resume()
@@ -317,6 +327,9 @@ def _dump_step(
         },
         restart_count=job.restart_count,
         gpu=seq.record(),
+        tcp_established=tcp,
+        network_lock=lock or "",
+        world=process.step_world(step.init_pid),
     )
     try:
         for path in step_dir.iterdir():
@@ -328,6 +341,33 @@ def _dump_step(
     except OSError as exc:
         raise storage_error(step_dir, exc, "writing the manifest in") from None
     return manifest
+
+
+def _tcp_mode(
+    criu: Criu, step: reg.StepRecord, pids: list[int], outside_allowed: bool
+) -> tuple[bool, str | None]:
+    """Whether CRIU must checkpoint TCP connections of this tree, and its network lock.
+
+    Connections whose both ends are in the tree are always checkpointed: both ends are
+    frozen and dumped together, so no network lock is needed (none is left on the node
+    after a vacate either).  One to a peer outside the step only with outside_allowed: at
+    restart that peer must still be there at the same address, which ccr cannot promise,
+    so without it the checkpoint is refused up front, naming the connection.  Its peer is
+    kept quiet by CRIU's network lock (nftables, else iptables), which a vacate leaves in
+    place until the restore lifts it.
+    """
+    conns = process.tcp_connections(pids)
+    outside = [c for c in conns if not c.inside]
+    if outside_allowed:
+        return True, criu.outside_network_lock()
+    if outside:
+        more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+        raise JobStateError(
+            f"step {step.id} has a TCP connection to outside the step "
+            f"({outside[0].describe()}{more}); checkpoint it with --tcp-established "
+            "(or CCR_TCP_ESTABLISHED=1) if its peer will still be there at restart"
+        )
+    return (True, "skip") if conns else (False, None)
 
 
 def _resume(rt: Runtime, steps: list[reg.StepRecord]) -> None:

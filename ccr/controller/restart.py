@@ -235,7 +235,17 @@ def restore_into(
             raise MaxWaitExceeded(
                 f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
             )
-        result = criu.restore(raw_dir, work, timeout=remaining)
+        # A tree dumped with its TCP connections is restored with them; the supervisor's
+        # setting (--tcp-established) covers images of older ccr versions.
+        # The restore lifts the network lock its dump left (a vacate's), so it uses that one.
+        tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
+        result = criu.restore(
+            raw_dir,
+            work,
+            timeout=remaining,
+            tcp_established=tcp,
+            network_lock=image.manifest.network_lock or None,
+        )
     finally:
         if packed:
             discard(raw_dir)
@@ -285,13 +295,19 @@ def restart(
     image_dir: Path | None = None,
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
+    tcp_established: bool = False,
 ) -> list[RestartResult]:
-    """Restore every step that ref names from its newest checkpoint, each under a supervisor."""
+    """Restore every step that ref names from its newest checkpoint, each under a supervisor.
+
+    tcp_established: the restored steps' later checkpoints also keep TCP connections to
+    peers outside the step (as CCR_TCP_ESTABLISHED=1 does).
+    """
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
     images = [load_image(rt, p, full=False) for p in find_images(rt, ref, image_dir)]
     for image in images:
         preflight(rt, image, stick_to_nodes)
     settings = _job_settings(rt, ref.job_id, image_dir)
+    settings.tcp_established = settings.tcp_established or tcp_established
     with rt.registry() as db:
         db.bump_restart_count(ref.job_id)
     results = []
