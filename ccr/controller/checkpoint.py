@@ -15,7 +15,7 @@ from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu
-from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
+from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
@@ -51,6 +51,30 @@ class CheckpointOptions:
     codec: Codec = field(default_factory=default_codec)
     # Also checkpoint TCP connections to peers outside the step (--tcp-established).
     tcp_established: bool = field(default_factory=lambda: tcp_established_default())
+
+
+# Without MaxWait, a dump still ends: CRIU gets this long plus so much per GiB of the tree's
+# resident memory (a rate far below any disk's), then it is killed and the job resumed.
+WATCHDOG_BASE_S = 120.0
+WATCHDOG_PER_GIB_S = 30.0
+
+
+def dump_watchdog(rss: int) -> float | None:
+    """The longest a dump may take when no MaxWait is given; None: no bound.
+
+    `CCR_DUMP_WATCHDOG`: seconds (a fixed bound), or 0 for none; unset: WATCHDOG_BASE_S +
+    WATCHDOG_PER_GIB_S per GiB of rss.
+    """
+    text = os.environ.get("CCR_DUMP_WATCHDOG", "")
+    if text == "":
+        return WATCHDOG_BASE_S + WATCHDOG_PER_GIB_S * rss / 2**30
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is not a number of seconds") from None
+    if value < 0:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is negative")
+    return value or None
 
 
 def tcp_established_default() -> bool:
@@ -261,6 +285,7 @@ def _dump_step(
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
     estimate = process.tree_rss(step.init_pid)
     raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if compressed else step_dir
+    watchdog = dump_watchdog(estimate) if timeout is None else None
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
@@ -269,9 +294,10 @@ def _dump_step(
                 raw_dir,
                 work,
                 final_state="stopped" if opts.stop else "running",
-                timeout=seq.remaining(),
+                timeout=seq.remaining() if watchdog is None else watchdog,
                 tcp_established=tcp,
                 network_lock=lock,
+                limit_name="MaxWait" if watchdog is None else "the dump watchdog CCR_DUMP_WATCHDOG",
             )
         if not opts.stop:
             seq.resume()

@@ -135,6 +135,7 @@ class Criu:
         hook: NotifyHook | None = None,
         tcp_established: bool = False,
         network_lock: str | None = None,
+        limit_name: str = "MaxWait",
     ) -> DumpStats:
         """Dump the tree rooted at pid into images_dir (which must exist).
 
@@ -154,7 +155,7 @@ class Criu:
             remaining = (
                 None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
             )
-            self._call(req, images_dir, work_dir, remaining, hook, "dump")
+            self._call(req, images_dir, work_dir, remaining, hook, "dump", limit_name)
         stats = read_dump_stats(work_dir / "stats-dump")
         stats.wall_time = time.monotonic() - started
         return stats
@@ -199,6 +200,7 @@ class Criu:
         timeout: float | None,
         hook: NotifyHook | None,
         what: str,
+        limit_name: str = "MaxWait",
     ) -> Any:
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = work_dir / f"{what}.log"
@@ -240,7 +242,7 @@ class Criu:
             except OSError:
                 pass  # criu died at once: the receive below reports it from its log
             while True:
-                resp = self._receive(ours, deadline, proc, what, log_file, timeout)
+                resp = self._receive(ours, deadline, proc, what, log_file, timeout, limit_name)
                 if resp.type == rpc.NOTIFY:
                     ok = True
                     try:
@@ -284,17 +286,20 @@ class Criu:
         what: str,
         log_file: Path,
         timeout: float | None,
+        limit_name: str,
     ) -> Any:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MaxWaitExceeded(f"CRIU {what} did not finish within MaxWait={timeout:g}s")
+                raise MaxWaitExceeded(
+                    f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
+                )
             sock.settimeout(remaining)
         try:
             buf = sock.recv(1 << 20)
         except TimeoutError:
             raise MaxWaitExceeded(
-                f"CRIU {what} did not finish within MaxWait={timeout:g}s"
+                f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
             ) from None
         except OSError:
             buf = b""  # criu died mid-answer (connection reset): its log says why
