@@ -55,6 +55,7 @@ def create(
     max_wait: float | None = None,
     stop: bool = False,
     compress: str | None = None,
+    tcp_established: bool = False,
 ) -> ckpt.CheckpointResult:
     """Checkpoint a job or step (`ccr create`); stop=True vacates it."""
     opts = ckpt.CheckpointOptions(
@@ -62,6 +63,7 @@ def create(
         max_wait=max_wait,
         stop=stop,
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
+        tcp_established=tcp_established or ckpt.tcp_established_default(),
     )
     return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
 
@@ -73,13 +75,14 @@ def restart(
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
     rename: bool = False,
+    tcp_established: bool = False,
 ) -> list[rst.RestartResult]:
     """Restore a job or step from its newest checkpoint, or the checkpoint at a path
     (`ccr restart`)."""
     rt = Runtime.from_env()
     path = ref if isinstance(ref, Path) else rst.checkpoint_path(str(ref))
     if path is not None:
-        return rst.restart_path(rt, path, stick_to_nodes, max_wait)
+        return rst.restart_path(rt, path, stick_to_nodes, max_wait, tcp_established)
     return rst.restart(
         rt,
         _ref(str(ref)),
@@ -87,6 +90,7 @@ def restart(
         stick_to_nodes,
         max_wait,
         rename,
+        tcp_established,
     )
 
 

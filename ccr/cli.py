@@ -46,6 +46,15 @@ checkpoint_app = typer.Typer(no_args_is_help=True, help="scontrol's `checkpoint`
 JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
 MKDIR_HELP = "Also create the directory's missing parents (default: only a new last one)."
 COMPRESS_HELP = "Image codec: zstd[:LEVEL] (default zstd:1) or none; env CCR_COMPRESS."
+TCP_HELP = (
+    "Also checkpoint TCP connections to peers outside the step (they must be there, at the "
+    "same address, at restart); env CCR_TCP_ESTABLISHED=1.  Connections inside the step are "
+    "always checkpointed."
+)
+
+
+def _tcp(flag: bool) -> bool:
+    return flag or ckpt.tcp_established_default()
 
 
 def _codec(text: Optional[str]) -> Codec:
@@ -243,6 +252,12 @@ def run(
         "--json",
         help="Print one JSON object: at once with --detach, else when the step exits.",
     ),
+    private_tmp: bool = typer.Option(
+        True,
+        "--private-tmp/--no-private-tmp",
+        help="Give the step a /tmp of its own, checkpointed with it (default), or the node's.",
+    ),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
 ) -> None:
     """Launch a job step that ccr can checkpoint; supervise it until it exits.
 
@@ -259,6 +274,8 @@ def run(
         grace=_max_wait(grace),
         max_wait=_max_wait(max_wait),
         codec=_codec(compress),
+        private_tmp=private_tmp,
+        tcp_established=_tcp(tcp_established),
     )
     req = runner.RunRequest(
         argv=command,
@@ -316,6 +333,7 @@ def _create(
     as_json: bool,
     compress: Optional[str] = None,
     mkdir: bool = False,
+    tcp_established: bool = False,
 ) -> None:
     ref = _ref(ref_text)
     opts = ckpt.CheckpointOptions(
@@ -324,6 +342,7 @@ def _create(
         stop=stop,
         codec=_codec(compress),
         mkdir=mkdir,
+        tcp_established=_tcp(tcp_established),
     )
     result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
@@ -358,13 +377,14 @@ def create(
     ),
     compress: Optional[str] = typer.Option(None, "--compress", help=COMPRESS_HELP),
     mkdir: bool = typer.Option(False, "--mkdir", help=MKDIR_HELP),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Checkpoint every live step of a job, or one step (scontrol checkpoint create).
 
     Example: ccr create 42.0 --image-dir /scratch/ckpt --max-wait 60
     """
-    _create(ref, image_dir, max_wait, not leave_running, as_json, compress, mkdir)
+    _create(ref, image_dir, max_wait, not leave_running, as_json, compress, mkdir, tcp_established)
 
 
 def _restart(
@@ -376,6 +396,7 @@ def _restart(
     check: bool = False,
     new_job: bool = False,
     rename: bool = False,
+    tcp_established: bool = False,
 ) -> None:
     path = rst.checkpoint_path(target)
     if check:
@@ -392,7 +413,9 @@ def _restart(
             raise UsageError("restart CKPT takes no --image-dir, --new-job or --rename")
         ref = rst.ref_of_path(path)
         results = _showing_progress(
-            lambda: rst.restart_path(Runtime.from_env(), path, stick, _max_wait(max_wait))
+            lambda: rst.restart_path(
+                Runtime.from_env(), path, stick, _max_wait(max_wait), _tcp(tcp_established)
+            )
         )
     else:
         ref = _ref(target)
@@ -404,7 +427,13 @@ def _restart(
             return
         results = _showing_progress(
             lambda: rst.restart(
-                Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), rename
+                Runtime.from_env(),
+                ref,
+                image_dir,
+                stick,
+                _max_wait(max_wait),
+                rename,
+                _tcp(tcp_established),
             )
         )
     lines = [
@@ -444,6 +473,7 @@ def restart(
         "--rename",
         help="Restore a checkpoint whose manifest names another job (a renamed copy) as JOBID.",
     ),
+    tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest checkpoint (scontrol checkpoint restart), or the
@@ -451,7 +481,9 @@ def restart(
 
     Example: ccr restart 42 --image-dir /scratch/ckpt    or    ccr restart /scratch/ckpt/42.ckpt
     """
-    _restart(ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job, rename)
+    _restart(
+        ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job, rename, tcp_established
+    )
 
 
 @app.command()

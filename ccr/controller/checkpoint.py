@@ -15,7 +15,7 @@ from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu
-from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError
+from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
@@ -51,6 +51,37 @@ class CheckpointOptions:
     keep: int | None = None  # generations to keep; None: the job's setting
     codec: Codec = field(default_factory=default_codec)
     mkdir: bool = False  # create a missing image dir's missing parents too
+    # Also checkpoint TCP connections to peers outside the step (--tcp-established).
+    tcp_established: bool = field(default_factory=lambda: tcp_established_default())
+
+
+# Without MaxWait, a dump still ends: CRIU gets this long plus so much per GiB of the tree's
+# resident memory (a rate far below any disk's), then it is killed and the job resumed.
+WATCHDOG_BASE_S = 120.0
+WATCHDOG_PER_GIB_S = 30.0
+
+
+def dump_watchdog(rss: int) -> float | None:
+    """The longest a dump may take when no MaxWait is given; None: no bound.
+
+    `CCR_DUMP_WATCHDOG`: seconds (a fixed bound), or 0 for none; unset: WATCHDOG_BASE_S +
+    WATCHDOG_PER_GIB_S per GiB of rss.
+    """
+    text = os.environ.get("CCR_DUMP_WATCHDOG", "")
+    if text == "":
+        return WATCHDOG_BASE_S + WATCHDOG_PER_GIB_S * rss / 2**30
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is not a number of seconds") from None
+    if value < 0:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is negative")
+    return value or None
+
+
+def tcp_established_default() -> bool:
+    """`CCR_TCP_ESTABLISHED=1`: checkpoint connections to outside the step by default."""
+    return os.environ.get("CCR_TCP_ESTABLISHED", "") not in ("", "0", "no", "false")
 
 
 @dataclass
@@ -254,12 +285,14 @@ def _dump_step(
     if gpu_seqs is not None:
         gpu_seqs.append(seq)
     pids = process.tree_pids(step.init_pid)
+    tcp, lock = _tcp_mode(criu, step, pids, opts.tcp_established)
     work = rt.work_dir(f"{step.id}-dump")
     compressed = opts.codec.name != "none"
     # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
     estimate = process.tree_rss(step.init_pid)
     raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if compressed else step_dir
+    watchdog = dump_watchdog(estimate) if timeout is None else None
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
@@ -268,7 +301,10 @@ def _dump_step(
                 raw_dir,
                 work,
                 final_state="stopped" if opts.stop else "running",
-                timeout=seq.remaining(),
+                timeout=seq.remaining() if watchdog is None else watchdog,
+                tcp_established=tcp,
+                network_lock=lock,
+                limit_name="MaxWait" if watchdog is None else "the dump watchdog CCR_DUMP_WATCHDOG",
             )
         if not opts.stop:
             seq.resume()
@@ -324,6 +360,9 @@ def _dump_step(
         },
         restart_count=job.restart_count,
         gpu=seq.record(),
+        tcp_established=tcp,
+        network_lock=lock or "",
+        world=process.step_world(step.init_pid),
     )
     try:
         for path in step_dir.iterdir():
@@ -335,6 +374,33 @@ def _dump_step(
     except OSError as exc:
         raise storage_error(step_dir, exc, "writing the manifest in") from None
     return manifest
+
+
+def _tcp_mode(
+    criu: Criu, step: reg.StepRecord, pids: list[int], outside_allowed: bool
+) -> tuple[bool, str | None]:
+    """Whether CRIU must checkpoint TCP connections of this tree, and its network lock.
+
+    Connections whose both ends are in the tree are always checkpointed: both ends are
+    frozen and dumped together, so no network lock is needed (none is left on the node
+    after a vacate either).  One to a peer outside the step only with outside_allowed: at
+    restart that peer must still be there at the same address, which ccr cannot promise,
+    so without it the checkpoint is refused up front, naming the connection.  Its peer is
+    kept quiet by CRIU's network lock (nftables, else iptables), which a vacate leaves in
+    place until the restore lifts it.
+    """
+    conns = process.tcp_connections(pids)
+    outside = [c for c in conns if not c.inside]
+    if outside_allowed:
+        return True, criu.outside_network_lock()
+    if outside:
+        more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+        raise JobStateError(
+            f"step {step.id} has a TCP connection to outside the step "
+            f"({outside[0].describe()}{more}); checkpoint it with --tcp-established "
+            "(or CCR_TCP_ESTABLISHED=1) if its peer will still be there at restart"
+        )
+    return (True, "skip") if conns else (False, None)
 
 
 def _resume(rt: Runtime, steps: list[reg.StepRecord]) -> None:

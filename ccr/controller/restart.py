@@ -265,8 +265,18 @@ def restore_into(
                 f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
             )
         # CRIU reports no progress: a spinner names the phase instead of a blank screen.
+        # A tree dumped with its TCP connections is restored with them; the supervisor's
+        # setting (--tcp-established) covers images of older ccr versions.
+        # The restore lifts the network lock its dump left (a vacate's), so it uses that one.
+        tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
         with progress.task(f"restoring {image.step} (CRIU)", 0):
-            result = criu.restore(raw_dir, work, timeout=remaining)
+            result = criu.restore(
+                raw_dir,
+                work,
+                timeout=remaining,
+                tcp_established=tcp,
+                network_lock=image.manifest.network_lock or None,
+            )
     finally:
         if packed:
             discard(raw_dir)
@@ -312,18 +322,21 @@ def restart(
     stick_to_nodes: bool = False,
     max_wait: float | None = None,
     rename: bool = False,
+    tcp_established: bool = False,
 ) -> list[RestartResult]:
     """Restore every step that ref names from its newest checkpoint, each under a supervisor.
 
     rename: a checkpoint whose manifest names another job than its file name (a renamed
     copy) is restored under the id asked for; without it, such a checkpoint is refused.
+    tcp_established: the restored steps' later checkpoints also keep TCP connections to
+    peers outside the step (as CCR_TCP_ESTABLISHED=1 does).
     """
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
     images = [
         as_step(load_image(rt, path, full=False), step, rename)
         for step, path in find_named_images(ref, image_dir)
     ]
-    return restart_images(rt, images, image_dir, stick_to_nodes, max_wait)
+    return restart_images(rt, images, image_dir, stick_to_nodes, max_wait, tcp_established)
 
 
 def checkpoint_path(target: str) -> Path | None:
@@ -365,11 +378,17 @@ def images_at(rt: Runtime, path: Path) -> list[StepImage]:
 
 
 def restart_path(
-    rt: Runtime, path: Path, stick_to_nodes: bool = False, max_wait: float | None = None
+    rt: Runtime,
+    path: Path,
+    stick_to_nodes: bool = False,
+    max_wait: float | None = None,
+    tcp_established: bool = False,
 ) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
     images = images_at(rt, path)
-    return restart_images(rt, images, series_dir(images[0].path), stick_to_nodes, max_wait)
+    return restart_images(
+        rt, images, series_dir(images[0].path), stick_to_nodes, max_wait, tcp_established
+    )
 
 
 def as_step(image: StepImage, step: StepId, rename: bool) -> StepImage:
@@ -391,6 +410,7 @@ def restart_images(
     image_dir: Path,
     stick_to_nodes: bool,
     max_wait: float | None,
+    tcp_established: bool = False,
 ) -> list[RestartResult]:
     """Restore each verified image under a supervisor of its own."""
     if not images:
@@ -401,6 +421,7 @@ def restart_images(
     results = []
     for image in images:
         settings = _job_settings(rt, image.step.job_id)
+        settings.tcp_established = settings.tcp_established or tcp_established
         message = sup.spawn_background(
             str(image.step),
             functools.partial(_restore_and_supervise, rt, image, settings, max_wait),

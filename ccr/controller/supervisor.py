@@ -37,6 +37,9 @@ class SupervisorSettings:
     grace: float | None = None  # MaxWait of the preemption checkpoint
     max_wait: float | None = None  # MaxWait of interval checkpoints
     codec: Codec = field(default_factory=checkpoint.default_codec)
+    private_tmp: bool = True  # the step's /tmp is a tmpfs of its own (else the node's /tmp)
+    # Checkpoint TCP connections to peers outside the step too (--tcp-established).
+    tcp_established: bool = field(default_factory=checkpoint.tcp_established_default)
     log: Callable[[str], None] = field(default=lambda msg: print(f"ccr: {msg}", file=sys.stderr))
 
 
@@ -59,7 +62,14 @@ class Supervisor:
 
     # starting -------------------------------------------------------------------------
     def start_fresh(self, argv: list[str], cwd: Path, env: dict[str, str], output: Path) -> int:
-        pid = process.spawn_step(argv, cwd=cwd, env=env, output=output, init=config.init_binary())
+        pid = process.spawn_step(
+            argv,
+            cwd=cwd,
+            env=env,
+            output=output,
+            init=config.init_binary(),
+            private_tmp=self.settings.private_tmp,
+        )
         self._adopt(pid)
         with self.rt.registry() as db:
             db.put_step(
@@ -166,7 +176,10 @@ class Supervisor:
 
     def _interval_checkpoint(self) -> None:
         opts = checkpoint.CheckpointOptions(
-            max_wait=self.settings.max_wait, keep=self.settings.keep, codec=self.settings.codec
+            max_wait=self.settings.max_wait,
+            keep=self.settings.keep,
+            codec=self.settings.codec,
+            tcp_established=self.settings.tcp_established,
         )
         try:
             result = checkpoint.create(self.rt, JobRef(self.step.job_id, self.step.step_id), opts)
@@ -188,6 +201,7 @@ class Supervisor:
             stop=True,
             keep=self.settings.keep,
             codec=self.settings.codec,
+            tcp_established=self.settings.tcp_established,
         )
         try:
             result = checkpoint.create(self.rt, JobRef(self.step.job_id, self.step.step_id), opts)

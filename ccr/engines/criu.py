@@ -59,6 +59,36 @@ def _require_rpc() -> None:
         raise CcrError("pycriu is not installed: run scripts/install-criu.sh")
 
 
+# How CRIU keeps the peers of checkpointed TCP connections quiet while they are dumped.
+NETWORK_LOCKS = ("iptables", "nftables", "skip")
+
+
+def _request(what: str, tcp_established: bool, network_lock: str | None = None) -> Any:
+    """A dump or restore request with every option ccr sets on both (the one place for them).
+
+    Each step has its own mount namespace (see process.spawn_step), which CRIU dumps and
+    restores with the tree.  The step's own mounts (its /proc and its tmpfs at /dev/shm and
+    /tmp, contents included) go into the image; the node's mounts the step sees are
+    external (auto_ext_mnt): CRIU records where they are on the node and bind-mounts them
+    from there at restore.  The step's root mount is the node's "/" (root).  A tree without
+    a mount namespace of its own (an image from an older ccr) ignores all three.
+
+    network_lock (one of NETWORK_LOCKS; None: CRIU's default, iptables) matters only with
+    tcp_established, and must be the same for a dump and its restore.
+    """
+    _require_rpc()
+    req = rpc.criu_req()
+    req.type = rpc.DUMP if what == "dump" else rpc.RESTORE
+    req.opts.file_locks = True
+    req.opts.tcp_established = tcp_established
+    req.opts.auto_ext_mnt = True
+    if network_lock is not None:
+        req.opts.network_lock = NETWORK_LOCKS.index(network_lock) + 1  # rpc's enum values
+    if what == "restore":
+        req.opts.root = "/"
+    return req
+
+
 class Criu:
     """One CRIU binary, driven over RPC; every call runs a fresh `criu swrk`."""
 
@@ -88,6 +118,12 @@ class Criu:
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "RLIMIT_NOFILE" not in ln]
         return proc.returncode == 0, (lines[-1] if lines else "")
 
+    def outside_network_lock(self) -> str:
+        """The network lock for connections to outside peers: nftables (CRIU's library, no
+        command needed) where this CRIU has it, else iptables."""
+        ok, _ = self.check("network_lock_nftables")
+        return "nftables" if ok else "iptables"
+
     def dump(
         self,
         pid: int,
@@ -98,6 +134,8 @@ class Criu:
         timeout: float | None = None,
         hook: NotifyHook | None = None,
         tcp_established: bool = False,
+        network_lock: str | None = None,
+        limit_name: str = "MaxWait",
     ) -> DumpStats:
         """Dump the tree rooted at pid into images_dir (which must exist).
 
@@ -108,20 +146,16 @@ class Criu:
         """
         if final_state not in ("running", "stopped", "killed"):
             raise ValueError(final_state)
-        _require_rpc()
-        req = rpc.criu_req()
-        req.type = rpc.DUMP
+        req = _request("dump", tcp_established, network_lock)
         req.opts.pid = pid
         req.opts.leave_running = final_state == "running"
         req.opts.leave_stopped = final_state == "stopped"
-        req.opts.tcp_established = tcp_established
-        req.opts.file_locks = True
         started = time.monotonic()
         with parasite_scratch(pid, timeout):
             remaining = (
                 None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
             )
-            self._call(req, images_dir, work_dir, remaining, hook, "dump")
+            self._call(req, images_dir, work_dir, remaining, hook, "dump", limit_name)
         stats = read_dump_stats(work_dir / "stats-dump")
         stats.wall_time = time.monotonic() - started
         return stats
@@ -134,18 +168,15 @@ class Criu:
         timeout: float | None = None,
         hook: NotifyHook | None = None,
         tcp_established: bool = False,
+        network_lock: str | None = None,
     ) -> RestoreResult:
         """Restore the tree in images_dir as a child of the calling process; return its root.
 
         CRIU's log (restore.log) goes to work_dir.
         """
-        _require_rpc()
-        req = rpc.criu_req()
-        req.type = rpc.RESTORE
+        req = _request("restore", tcp_established, network_lock)
         # The root becomes our child (criu's sibling), so we can wait for its exit status.
         req.opts.rst_sibling = True
-        req.opts.tcp_established = tcp_established
-        req.opts.file_locks = True
         started = time.monotonic()
         since = process.now_ticks()
         try:
@@ -169,6 +200,7 @@ class Criu:
         timeout: float | None,
         hook: NotifyHook | None,
         what: str,
+        limit_name: str = "MaxWait",
     ) -> Any:
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = work_dir / f"{what}.log"
@@ -210,7 +242,7 @@ class Criu:
             except OSError:
                 pass  # criu died at once: the receive below reports it from its log
             while True:
-                resp = self._receive(ours, deadline, proc, what, log_file, timeout)
+                resp = self._receive(ours, deadline, proc, what, log_file, timeout, limit_name)
                 if resp.type == rpc.NOTIFY:
                     ok = True
                     try:
@@ -254,17 +286,20 @@ class Criu:
         what: str,
         log_file: Path,
         timeout: float | None,
+        limit_name: str,
     ) -> Any:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MaxWaitExceeded(f"CRIU {what} did not finish within MaxWait={timeout:g}s")
+                raise MaxWaitExceeded(
+                    f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
+                )
             sock.settimeout(remaining)
         try:
             buf = sock.recv(1 << 20)
         except TimeoutError:
             raise MaxWaitExceeded(
-                f"CRIU {what} did not finish within MaxWait={timeout:g}s"
+                f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
             ) from None
         except OSError:
             buf = b""  # criu died mid-answer (connection reset): its log says why
@@ -277,25 +312,38 @@ class Criu:
         return resp
 
 
-# CRIU's parasite, dumping the root of a PID namespace, mounts a private procfs on a
-# directory it creates as `proc.crtools` in the root task's working directory (our steps'
-# init, dumb-init, always runs in "/").  Two dumps at once of roots sharing a working
-# directory then collide (EEXIST), and a leftover directory breaks every later dump.
+# CRIU's parasite, dumping the root of a PID namespace that sees the node's /proc, mounts a
+# private procfs on a directory it creates as `proc.crtools` in the root task's working
+# directory (which was "/" for every step of older ccr versions).  Two such dumps at once
+# in one directory collide (EEXIST), and a leftover directory breaks every later dump.
+# Steps ccr starts now have a procfs of their own (process.spawn_step), which the parasite
+# uses as it is: their dumps need no scratch directory and take no lock, so one hung dump
+# never holds up another step's.
 SCRATCH_NAME = "proc.crtools"
 LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
 
 
+def scratch_lock(cwd: str) -> Path:
+    """The node-wide lock serializing dumps of roots without their own /proc in cwd."""
+    return LOCK_DIR / f"ccr-criu-{hashlib.sha256(cwd.encode()).hexdigest()[:16]}.lock"
+
+
 @contextmanager
 def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
-    """Serialize dumps of roots sharing a working directory; clear a stale scratch dir."""
+    """Serialize dumps of roots sharing a working directory; clear a stale scratch dir.
+
+    Only for a root without a procfs of its own (a tree restored from an older image).
+    """
+    if process.has_own_proc(pid):
+        yield
+        return
     try:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         yield  # the dump itself will say what is wrong with pid
         return
-    digest = hashlib.sha256(cwd.encode()).hexdigest()[:16]
     busy = f"another CRIU dump in {cwd} is still running"
-    with exclusive_lock(LOCK_DIR / f"ccr-criu-{digest}.lock", timeout, busy):
+    with exclusive_lock(scratch_lock(cwd), timeout, busy):
         scratch = Path(cwd) / SCRATCH_NAME
         if scratch.is_dir():
             # Left by a CRIU killed mid-dump.  Only an empty, unmounted directory is removed:

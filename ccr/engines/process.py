@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
+import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +17,25 @@ import psutil
 
 from ccr.errors import CcrError
 
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 PR_SET_CHILD_SUBREAPER = 36
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+# The directory a step gets its own tmpfs at when its /tmp is private (--private-tmp).
+TMP = "/tmp"
+SHM = "/dev/shm"
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ def spawn_step(
     env: dict[str, str],
     output: Path,
     init: str,
+    private_tmp: bool = True,
 ) -> int:
     """Start argv as a step and return the host PID of the step's init.
 
@@ -71,16 +90,19 @@ def spawn_step(
     and forwards signals.  A PID namespace per step means the whole tree, daemons included,
     hangs under one root for CRIU, and restores never collide with PIDs in use.  The init
     ends up a child of the caller, which must be a subreaper (see become_subreaper).
+
+    The step is a small world of its own (see _build_world): its own mount namespace with
+    its own procfs, a private tmpfs at /dev/shm and (private_tmp) at /tmp, and its own IPC
+    namespace.  CRIU dumps and restores all of these with the tree.
     """
-    out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    # Created (and checked) here; the step opens it again inside its mount namespace, as CRIU
+    # finds a file only through a mount of the dumped tree's namespace.
+    os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        _intermediate(argv, cwd, env, init, out_fd, null_fd, report_w)
+        _intermediate(argv, cwd, env, init, report_w, private_tmp, output)
     os.close(report_w)
-    os.close(out_fd)
-    os.close(null_fd)
     data = b""
     while chunk := os.read(report_r, 65536):
         data += chunk
@@ -95,28 +117,127 @@ def spawn_step(
 
 
 def _intermediate(
-    argv: list[str], cwd: Path, env: dict[str, str], init: str, out_fd: int, null_fd: int, w: int
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    init: str,
+    w: int,
+    private_tmp: bool,
+    output: Path,
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
-        if _libc.unshare(CLONE_NEWPID) != 0:
-            err = ctypes.get_errno()
-            os.write(
-                w, struct.pack("q", -1) + f"unshare(CLONE_NEWPID): {os.strerror(err)}".encode()
-            )
+        try:
+            _check(_libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+            # Nothing the step mounts propagates back to the node, nor the node's later
+            # mounts in: CRIU then dumps a mount tree with no peers or masters outside it.
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        except OSError as exc:
+            os.write(w, struct.pack("q", -1) + str(exc).encode())
             os._exit(1)
         pid = os.fork()
         if pid == 0:
-            _exec_init(argv, cwd, env, init, out_fd, null_fd, w)
+            _exec_init(argv, cwd, env, init, w, private_tmp, output)
         os.write(w, struct.pack("q", pid))
     finally:
         os._exit(0)
 
 
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _mountpoints_at(top: str) -> list[str]:
+    """Mount points at or below top in our mount namespace, shallowest first."""
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
+            if point == top or point.startswith(top.rstrip("/") + "/"):
+                found.append(point)
+    return sorted(found, key=len)
+
+
+def _detach_all(top: str) -> None:
+    """Lazily unmount everything at or below top (stacked mounts too), in our namespace only."""
+    for _ in range(64):  # bounded: a mount we may not detach must not loop forever
+        points = _mountpoints_at(top)
+        if not points:
+            return
+        for point in points:
+            _libc.umount2(point.encode(), MNT_DETACH)
+
+
+def _under(path: Path, top: str) -> bool:
+    return path == Path(top) or Path(top) in path.parents
+
+
+def _build_world(cwd: Path, output: Path, private_tmp: bool) -> None:  # pragma: no cover
+    """Give the step, PID 1 of its PID namespace, its own /proc, /dev/shm, /tmp (and IPC).
+
+    Runs in the step's fresh mount namespace, before exec.  The node's mounts under /proc,
+    /dev/shm and (private_tmp) /tmp are detached in this namespace only, so that CRIU sees no
+    hidden mounts beneath the step's own.  The step's working directory and the directory of
+    its output file stay reachable at their paths when they lie under a private /tmp: they
+    are bind-mounted from the node (not private, not in the checkpoint), as the step's
+    stdout and cwd must be reachable by path for CRIU.
+    """
+    keep: list[tuple[Path, int]] = []
+    if private_tmp:
+        for path in sorted({cwd.resolve(), output.resolve().parent}, key=lambda p: len(p.parts)):
+            if _under(path, TMP) and path != Path(TMP):
+                if not any(_under(path, str(k)) for k, _ in keep):
+                    keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    _detach_all(SHM)
+    if private_tmp:
+        _detach_all(TMP)
+    # /proc last: _mountpoints_at reads it.  Its submounts go with it (lazy unmount is
+    # recursive).
+    while _libc.umount2(b"/proc", MNT_DETACH) == 0:
+        pass
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("tmpfs", SHM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if private_tmp:
+        _mount("tmpfs", TMP, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        for path, fd in keep:
+            path.mkdir(parents=True, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", str(path), None, MS_BIND)
+            os.close(fd)
+
+
 def _exec_init(
-    argv: list[str], cwd: Path, env: dict[str, str], init: str, out_fd: int, null_fd: int, w: int
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    init: str,
+    w: int,
+    private_tmp: bool,
+    output: Path,
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         os.setsid()
+        try:
+            _build_world(cwd, output, private_tmp)
+        except OSError as exc:
+            os.write(w, f"cannot set up the step's mounts: {exc}".encode())
+            os._exit(127)
+        out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
@@ -247,3 +368,124 @@ def ns_pid(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _ns(pid: int | str, kind: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+
+
+def step_world(pid: int) -> dict[str, bool]:
+    """What of its own a step's root has: mount and IPC namespaces, a private /tmp, /dev/shm.
+
+    A mount at /tmp (or /dev/shm) counts as private when no mount of ours shares its
+    filesystem: a tmpfs only the step's namespace holds.
+    """
+    world = {
+        "mount_ns": _ns(pid, "mnt") not in (None, _ns("self", "mnt")),
+        "ipc_ns": _ns(pid, "ipc") not in (None, _ns("self", "ipc")),
+    }
+    ours = {_mount_fields(line)[0] for line in _read_lines("/proc/self/mountinfo")}
+    theirs = {}
+    for line in _read_lines(f"/proc/{pid}/mountinfo"):
+        dev, point = _mount_fields(line)
+        theirs[point] = dev  # the last mount at a point is the one on top
+    for key, top in (("private_tmp", TMP), ("private_shm", SHM)):
+        world[key] = world["mount_ns"] and top in theirs and theirs[top] not in ours
+    return world
+
+
+def has_own_proc(pid: int) -> bool:
+    """Whether pid, the root of a PID namespace, sees a procfs of its namespace at /proc.
+
+    Then /proc/1 in its view is pid itself (same start time); with the node's /proc, it is
+    the node's init.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/root/proc/1/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return ns_pid(pid) == 1 and int(fields[19]) == start_time(pid)
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _mount_fields(line: str) -> tuple[str, str]:
+    """(major:minor, mount point) of a mountinfo line."""
+    parts = line.split()
+    return parts[2], re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), parts[4])
+
+
+# /proc/net/tcp states (include/net/tcp_states.h) in which a socket has no peer to restore.
+_TCP_UNCONNECTED = {"07", "0A"}  # CLOSE, LISTEN
+
+
+@dataclass(frozen=True)
+class TcpConnection:
+    """A connected TCP socket of a tree: its endpoints and whether its peer is in the tree."""
+
+    local: str
+    remote: str
+    inside: bool
+
+    def describe(self) -> str:
+        return f"{_endpoint(self.local)} -> {_endpoint(self.remote)}"
+
+
+def tcp_connections(pids: list[int]) -> list[TcpConnection]:
+    """Every connected TCP socket the tree's processes hold (IPv4 and IPv6).
+
+    A connection is inside the tree when the socket at its other end (local and remote
+    swapped) is held by the tree too, e.g. a server and its client over 127.0.0.1: CRIU
+    restores both ends together.  Any other one has a peer outside that must still exist,
+    at the same address, when the tree is restored.
+    """
+    inodes: set[str] = set()
+    netns: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        ns = _ns(pid, "net")
+        if ns is not None:
+            netns.setdefault(ns, pid)
+    sockets: dict[tuple[str, str], str] = {}  # (local, remote) -> inode, of the tree's
+    for pid in netns.values():
+        for table in ("tcp", "tcp6"):
+            for line in _read_lines(f"/proc/{pid}/net/{table}")[1:]:
+                f = line.split()
+                if len(f) > 9 and f[9] in inodes and f[3] not in _TCP_UNCONNECTED:
+                    sockets[(f[1], f[2])] = f[9]
+    return [
+        TcpConnection(local, remote, (remote, local) in sockets)
+        for (local, remote) in sorted(sockets)
+    ]
+
+
+def _endpoint(hexaddr: str) -> str:
+    """'0100007F:1F90' -> '127.0.0.1:8080' (/proc/net/tcp{,6} print 32-bit host-order words)."""
+    addr, port = hexaddr.split(":")
+    raw = bytes.fromhex(addr)
+    flip = sys.byteorder == "little"
+    words = b"".join(raw[i : i + 4][:: -1 if flip else 1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        host = ".".join(str(b) for b in words)
+    else:
+        host = "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"
+    return f"{host}:{int(port, 16)}"

@@ -66,6 +66,11 @@ class StepManifest:
     restart_count: int = 0
     compression: str = "none"
     gpu: dict[str, Any] = field(default_factory=dict)
+    # CRIU dumped established TCP connections: the restore must restore them too.
+    tcp_established: bool = False
+    network_lock: str = ""  # CRIU's network lock of that dump ("": CRIU's default)
+    # What the step had of its own (process.step_world): mount/IPC namespaces, private /tmp.
+    world: dict[str, bool] = field(default_factory=dict)
     format: int = FORMAT
 
     @property
