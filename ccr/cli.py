@@ -18,7 +18,7 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from ccr import progress
+from ccr import interrupts, progress
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import convert, inspect, jobs, slurm_restart
 from ccr.controller import restart as rst
@@ -239,6 +239,7 @@ def run(
                 file=sys.stderr,
             )
 
+    interrupts.install()
     code = runner.run(Runtime.from_env(), req, announce)
     raise typer.Exit(code)
 
@@ -255,6 +256,7 @@ def _create(
     opts = ckpt.CheckpointOptions(
         image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
     )
+    interrupts.install()
     result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
     details = [
@@ -270,6 +272,14 @@ def _create(
         f"frozen {result.frozen_time:.2f}s, total {result.total_time:.2f}s)",
         "\n".join(details),
     )
+    _raise_if_interrupted(f"{ref} was already {verb} ({result.link})")
+
+
+def _raise_if_interrupted(outcome: str) -> None:
+    """A Ctrl-C that came past the point of no return: the work is done; say so, exit 130."""
+    signum = interrupts.pending()
+    if signum is not None:
+        raise interrupts.Interrupted(signum, [f"interrupted: {outcome}"])
 
 
 @app.command()
@@ -313,6 +323,7 @@ def _restart(
         lines.append(f"restart of {ref}: {'possible' if ok else 'blocked'}")
         _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
+    interrupts.install()
     dist = slurm_restart.restart_if_distributed(
         Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
     )
@@ -596,6 +607,14 @@ app.add_typer(checkpoint_app, name="checkpoint")
 register_slurm_commands(app)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: say what state it left (run, create, restart roll back first)."""
+    lines = exc.lines if isinstance(exc, interrupts.Interrupted) else []
+    for line in lines or ["interrupted"]:
+        print(f"ccr: {line}", file=sys.stderr)
+    return 128 + interrupts.signum_of(exc)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: every error becomes one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
@@ -603,7 +622,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = command.main(args=argv, prog_name="ccr", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except typer.Exit as exc:
-        code = exc.exit_code
+        # typer turns KeyboardInterrupt into Exit(130), keeping it as the cause.
+        cause = exc.__cause__
+        code = _interrupted(cause) if isinstance(cause, KeyboardInterrupt) else exc.exit_code
     except typer.Abort:
         print("ccr: aborted", file=sys.stderr)
         code = 130
@@ -613,8 +634,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except CcrError as exc:
         print(f"ccr: error: {exc}", file=sys.stderr)
         code = exit_code_for(exc)
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
         if os.environ.get("CCR_DEBUG"):
             raise

@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccr import progress
+from ccr import interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
@@ -239,32 +238,34 @@ def restore_into(
     finally:
         if packed:
             discard(raw_dir)
-    if gpu.needs_gpu(image.manifest.gpu):
-        try:
+    # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the
+    # supervisor owns it kills it, so no half-restored step outlives this call.
+    supervisor.adopt(result.pid)
+    try:
+        if gpu.needs_gpu(image.manifest.gpu):
+            # Without its GPU memory the job is not restored.
             gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
-        except BaseException:
-            # No half-restored tree: without its GPU memory the job is not restored.
-            process.signal_process(result.pid, signal.SIGKILL)
-            os.waitpid(result.pid, 0)
-            raise
-    with rt.registry() as db:
-        image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
-        db.ensure_job(image.step.job_id, str(image_dir))
-        existing = db.find_step(image.step)
-    m = image.manifest
-    record = existing or reg.StepRecord(
-        job_id=m.job_id,
-        step_id=m.step_id,
-        argv=m.argv,
-        cwd=m.cwd,
-        output=m.output,
-        state=reg.RUNNING,
-        init_pid=None,
-        init_start=None,
-        supervisor_pid=None,
-        started=time.time(),
-    )
-    supervisor.start_restored(result.pid, record)
+        with rt.registry() as db:
+            image_dir = image.path.parent.parent if _in_job(image) else image.path.parent
+            db.ensure_job(image.step.job_id, str(image_dir))
+            existing = db.find_step(image.step)
+        m = image.manifest
+        record = existing or reg.StepRecord(
+            job_id=m.job_id,
+            step_id=m.step_id,
+            argv=m.argv,
+            cwd=m.cwd,
+            output=m.output,
+            state=reg.RUNNING,
+            init_pid=None,
+            init_start=None,
+            supervisor_pid=None,
+            started=time.time(),
+        )
+        supervisor.start_restored(result.pid, record)
+    except BaseException:
+        supervisor.rollback()
+        raise
     return RestartResult(
         image.step,
         result.pid,
@@ -292,25 +293,49 @@ def restart(
     for image in images:
         preflight(rt, image, stick_to_nodes)
     settings = _job_settings(rt, ref.job_id, image_dir)
-    with rt.registry() as db:
-        db.bump_restart_count(ref.job_id)
-    results = []
-    for image in images:
-        message = sup.spawn_background(
-            str(image.step),
-            functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
-        )
-        results.append(
-            RestartResult(
-                image.step,
-                int(message["pid"]),
-                int(message["supervisor_pid"]),
-                image.path,
-                float(message["restore_time"]),
-                float(message.get("unpack_time", 0.0)),
+    results: list[RestartResult] = []
+    try:
+        for image in images:
+            message = sup.spawn_background(
+                str(image.step),
+                functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
             )
-        )
+            results.append(
+                RestartResult(
+                    image.step,
+                    int(message["pid"]),
+                    int(message["supervisor_pid"]),
+                    image.path,
+                    float(message["restore_time"]),
+                    float(message.get("unpack_time", 0.0)),
+                )
+            )
+    except interrupts.Interrupted as exc:
+        exc.lines = _interrupted_lines(images, results, exc.started)
+        raise
+    finally:
+        if results:
+            with rt.registry() as db:
+                db.bump_restart_count(ref.job_id)
     return results
+
+
+def _interrupted_lines(
+    images: list[StepImage], done: list[RestartResult], started: dict[str, Any] | None
+) -> list[str]:
+    """What an interrupted restart left: one line per step it had begun."""
+    lines = [
+        f"interrupted: {r.step} was already restored (pid {r.pid}) and keeps running" for r in done
+    ]
+    current = images[len(done)].step
+    if started is not None:
+        lines.append(
+            f"interrupted: {current} was already restored (pid {started['pid']}) and keeps running"
+        )
+    else:
+        rest = ", nothing running" if not done else ""
+        lines.append(f"interrupted: restore of {current} rolled back{rest}")
+    return lines
 
 
 def _job_settings(rt: Runtime, job_id: int, image_dir: Path) -> sup.SupervisorSettings:
@@ -330,5 +355,9 @@ def _restore_and_supervise(
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
     result = restore_into(rt, supervisor, image, max_wait)
-    report({"ok": True, **result.to_dict()})
+    try:
+        report({"ok": True, **result.to_dict()})
+    except BaseException:  # the caller abandoned the restore before hearing of it
+        supervisor.rollback()
+        raise
     return supervisor.wait()

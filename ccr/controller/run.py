@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ccr import interrupts
 from ccr.controller import restart as rst
 from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
@@ -101,6 +102,8 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     cwd = Path.cwd()
     env = dict(os.environ)
     req.settings = slurmctl.task_settings(req.settings)
+    if not req.detach:
+        req.settings = replace(req.settings, confirm_interrupt=True)
     step = _resolve_step(rt, req)
     ckpt_dir = _check_dir(req.checkpoint_dir or cwd, "checkpoint directory")
     env.update(slurmctl.task_exports(rt, step, ckpt_dir))
@@ -124,22 +127,40 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
 
     def start(report: sup.Report) -> int:
         supervisor = sup.Supervisor(rt, step, req.settings)
-        if resume is not None:
-            result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
-            with rt.registry() as db:
-                db.bump_restart_count(step.job_id)
-            report({"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)})
-        else:
-            pid = supervisor.start_fresh(req.argv, cwd, env, output)
-            report({"ok": True, "step": str(step), "pid": pid, "output": str(output)})
-        slurmctl.record_task(rt, step)
+        try:
+            if resume is not None:
+                # Interrupted or failed, restore_into leaves nothing running.
+                result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
+                report(
+                    {"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)}
+                )
+                with rt.registry() as db:
+                    db.bump_restart_count(step.job_id)
+            else:
+                pid = supervisor.start_fresh(req.argv, cwd, env, output)
+                report({"ok": True, "step": str(step), "pid": pid, "output": str(output)})
+            slurmctl.record_task(rt, step)
+        except BaseException:
+            # Nobody was told the step runs (or its caller gave up): it must not run on.
+            supervisor.rollback()
+            raise
         return supervisor.wait()
 
-    if req.detach:
-        message = sup.spawn_background(str(step), start)
-        announce(message)
-        return 0
-    return start(announce)
+    what = f"resume of {step}" if resume is not None else f"start of {step}"
+    try:
+        if req.detach:
+            message = sup.spawn_background(str(step), start)
+            announce(message)
+            return 0
+        return start(announce)
+    except interrupts.Interrupted as exc:
+        started = exc.started
+        exc.lines = [
+            f"interrupted: {step} was already started (pid {started['pid']}) and keeps running"
+            if started is not None
+            else f"interrupted: {what} rolled back, nothing running"
+        ]
+        raise
 
 
 def _alive(step: reg.StepRecord) -> bool:

@@ -248,6 +248,12 @@ class Registry:
                 f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})", tuple(data.values())
             )
 
+    def delete_step(self, step: StepId) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM steps WHERE job_id = ? AND step_id = ?", (step.job_id, step.step_id)
+            )
+
     def update_step(self, step: StepId, **values: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in values)
         with self.transaction() as db:
