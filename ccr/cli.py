@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -121,6 +122,23 @@ def _global(
     Verbosity.level = -1 if quiet else (1 if verbose else 0)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _interruptible(func: F) -> F:
+    """Ctrl-C / SIGTERM raise Interrupted in func, which rolls back; main says the outcome."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        interrupts.install()
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _InterruptedCommand(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _signal_number(text: str) -> int:
     name = text.strip().upper()
     if name.startswith("B:"):
@@ -155,6 +173,7 @@ def _ref(text: str) -> JobRef:
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@_interruptible
 def run(
     command: list[str] = typer.Argument(..., help="The command to run, after `--`."),
     job_id: Optional[int] = typer.Option(
@@ -239,11 +258,11 @@ def run(
                 file=sys.stderr,
             )
 
-    interrupts.install()
     code = runner.run(Runtime.from_env(), req, announce)
     raise typer.Exit(code)
 
 
+@_interruptible
 def _create(
     ref_text: str,
     image_dir: Optional[Path],
@@ -256,7 +275,6 @@ def _create(
     opts = ckpt.CheckpointOptions(
         image_dir=image_dir, max_wait=_max_wait(max_wait), stop=stop, codec=_codec(compress)
     )
-    interrupts.install()
     result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
     details = [
@@ -306,6 +324,7 @@ def create(
     _create(ref, image_dir, max_wait, not leave_running, as_json, compress)
 
 
+@_interruptible
 def _restart(
     ref_text: str,
     image_dir: Optional[Path],
@@ -323,7 +342,6 @@ def _restart(
         lines.append(f"restart of {ref}: {'possible' if ok else 'blocked'}")
         _emit({"ok": ok, "checks": [c.to_dict() for c in checks]}, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
-    interrupts.install()
     dist = slurm_restart.restart_if_distributed(
         Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
     )
@@ -607,6 +625,14 @@ app.add_typer(checkpoint_app, name="checkpoint")
 register_slurm_commands(app)
 
 
+class _InterruptedCommand(Exception):
+    """Carries a command's KeyboardInterrupt past typer (which would swallow it) to main."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
 def _interrupted(exc: KeyboardInterrupt) -> int:
     """Ctrl-C or SIGTERM: say what state it left (run, create, restart roll back first)."""
     lines = exc.lines if isinstance(exc, interrupts.Interrupted) else []
@@ -622,9 +648,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = command.main(args=argv, prog_name="ccr", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except typer.Exit as exc:
-        # typer turns KeyboardInterrupt into Exit(130), keeping it as the cause.
-        cause = exc.__cause__
-        code = _interrupted(cause) if isinstance(cause, KeyboardInterrupt) else exc.exit_code
+        code = exc.exit_code
+    except _InterruptedCommand as exc:
+        code = _interrupted(exc.interrupt)
     except typer.Abort:
         print("ccr: aborted", file=sys.stderr)
         code = 130

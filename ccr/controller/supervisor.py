@@ -372,25 +372,30 @@ class _ReportReader(threading.Thread):
         self.forward = forward
         self.relay_progress = True
         self.message: dict[str, Any] | None = None
+        self._done = threading.Event()
 
     def run(self) -> None:
-        pending = b""
-        while chunk := os.read(self.fd, 65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                item = json.loads(line)
-                if "progress" not in item:
-                    if self.message is None:
-                        self.message = item
-                elif self.relay_progress:
-                    self.forward(*item["progress"])
+        try:
+            pending = b""
+            while chunk := os.read(self.fd, 65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    item = json.loads(line)
+                    if "progress" not in item:
+                        if self.message is None:
+                            self.message = item
+                    elif self.relay_progress:
+                        self.forward(*item["progress"])
+        finally:
+            self._done.set()
 
     def wait(self, uninterruptible: bool = False) -> None:
+        """Until EOF.  (An Event, not join(): a join that Ctrl-C interrupts may return early.)"""
         if self.ident is None:
             return  # never started
-        while self.is_alive():
+        while not self._done.is_set():
             try:
-                self.join(0.2)
+                self._done.wait(0.2)
             except KeyboardInterrupt:
                 if not uninterruptible:
                     raise
