@@ -203,8 +203,19 @@ def run(
         envvar="SLURM_RESTART_DIR",
         help="Resume from the checkpoint in this directory instead of starting fresh.",
     ),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Output file, appended to (default: ccr-<jobid>.<stepid>.out)."
+    output: Optional[str] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="The step's stdout (and stderr without -e) file, appended to; Slurm's patterns "
+        "%j %J %s %N %n %t %u %x %A %a %%; `-` keeps it in the state dir (default: "
+        "ccr-<jobid>.<stepid>.out). A foreground run also shows it.",
+    ),
+    error: Optional[str] = typer.Option(
+        None,
+        "--error",
+        "-e",
+        help="The step's stderr file (patterns as -o; `-`: state dir); default: with stdout.",
     ),
     signal_name: str = typer.Option(
         "TERM",
@@ -243,6 +254,7 @@ def run(
         step_id=step_id,
         checkpoint_dir=checkpoint_dir,
         output=output,
+        error=error,
         restart_dir=restart_dir,
         detach=detach,
         settings=settings,

@@ -320,6 +320,7 @@ def _dump_step(
         argv=step.argv,
         cwd=step.cwd,
         output=step.output,
+        error=step.error,
         hostname=socket.gethostname(),
         uid=uid,
         gid=gid,

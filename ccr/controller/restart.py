@@ -194,13 +194,16 @@ def check_criu_version(rt: Runtime, image: StepImage) -> None:
 
 
 def prepare_files(image: StepImage) -> None:
-    """Recreate a deleted output file, so the restored tree can go on appending to it."""
-    out = Path(image.manifest.output)
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise StorageError(f"output directory {out.parent} of step {image.step} is gone")
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.close(fd)
+    """Recreate deleted output files, so the restored tree can go on appending to them."""
+    for name in (image.manifest.output, image.manifest.error):
+        if name is None:
+            continue
+        out = Path(name)
+        if not out.exists():
+            if not out.parent.is_dir():
+                raise StorageError(f"output directory {out.parent} of step {image.step} is gone")
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.close(fd)
 
 
 def restore_into(
@@ -256,6 +259,7 @@ def restore_into(
             argv=m.argv,
             cwd=m.cwd,
             output=m.output,
+            error=m.error,
             state=reg.RUNNING,
             init_pid=None,
             init_start=None,

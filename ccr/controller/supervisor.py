@@ -67,8 +67,19 @@ class Supervisor:
         process.become_subreaper()
 
     # starting -------------------------------------------------------------------------
-    def start_fresh(self, argv: list[str], cwd: Path, env: dict[str, str], output: Path) -> int:
-        pid = process.spawn_step(argv, cwd=cwd, env=env, output=output, init=config.init_binary())
+    def start_fresh(
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        output: Path,
+        error: Path | None = None,
+        offsets: tuple[int | None, int | None] = (None, None),
+    ) -> int:
+        """Start the step; offsets: where a relay of its output files begins (foreground)."""
+        pid = process.spawn_step(
+            argv, cwd=cwd, env=env, output=output, error=error, init=config.init_binary()
+        )
         self.adopt(pid)
         self._record(
             reg.StepRecord(
@@ -77,6 +88,9 @@ class Supervisor:
                 argv=argv,
                 cwd=str(cwd),
                 output=str(output),
+                error=None if error is None else str(error),
+                out_offset=offsets[0],
+                err_offset=offsets[1],
                 state=reg.RUNNING,
                 init_pid=pid,
                 init_start=self.init.start_time if self.init else None,

@@ -63,23 +63,32 @@ def spawn_step(
     env: dict[str, str],
     output: Path,
     init: str,
+    error: Path | None = None,
 ) -> int:
     """Start argv as a step and return the host PID of the step's init.
 
     The init (PID 1 of a fresh PID namespace, session leader, stdin /dev/null, stdout and
-    stderr appended to `output`) runs `argv` under `init` (dumb-init), which reaps orphans
-    and forwards signals.  A PID namespace per step means the whole tree, daemons included,
-    hangs under one root for CRIU, and restores never collide with PIDs in use.  The init
-    ends up a child of the caller, which must be a subreaper (see become_subreaper).
+    stderr appended to `output`, or stderr to `error` when given) runs `argv` under `init`
+    (dumb-init), which reaps orphans and forwards signals.  A PID namespace per step means
+    the whole tree, daemons included, hangs under one root for CRIU, and restores never
+    collide with PIDs in use.  The init ends up a child of the caller, which must be a
+    subreaper (see become_subreaper).
     """
     out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    err_fd = (
+        out_fd
+        if error is None
+        else os.open(error, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    )
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        _intermediate(argv, cwd, env, init, out_fd, null_fd, report_w)
+        _intermediate(argv, cwd, env, init, (out_fd, err_fd), null_fd, report_w)
     os.close(report_w)
     os.close(out_fd)
+    if err_fd != out_fd:
+        os.close(err_fd)
     os.close(null_fd)
     data = b""
     while chunk := os.read(report_r, 65536):
@@ -95,7 +104,13 @@ def spawn_step(
 
 
 def _intermediate(
-    argv: list[str], cwd: Path, env: dict[str, str], init: str, out_fd: int, null_fd: int, w: int
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    init: str,
+    out_fds: tuple[int, int],
+    null_fd: int,
+    w: int,
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         if _libc.unshare(CLONE_NEWPID) != 0:
@@ -106,20 +121,26 @@ def _intermediate(
             os._exit(1)
         pid = os.fork()
         if pid == 0:
-            _exec_init(argv, cwd, env, init, out_fd, null_fd, w)
+            _exec_init(argv, cwd, env, init, out_fds, null_fd, w)
         os.write(w, struct.pack("q", pid))
     finally:
         os._exit(0)
 
 
 def _exec_init(
-    argv: list[str], cwd: Path, env: dict[str, str], init: str, out_fd: int, null_fd: int, w: int
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    init: str,
+    out_fds: tuple[int, int],
+    null_fd: int,
+    w: int,
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         os.setsid()
         os.dup2(null_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
+        os.dup2(out_fds[0], 1)
+        os.dup2(out_fds[1], 2)
         os.closerange(3, w)
         os.closerange(w + 1, 65536)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -66,6 +66,7 @@ class StepManifest:
     restart_count: int = 0
     compression: str = "none"
     gpu: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # stderr's own file (-e), reopened by the restored tree
     format: int = FORMAT
 
     @property

@@ -62,6 +62,10 @@ STEP_COLUMNS = {
     "node": "TEXT",
     "ntasks": "INTEGER NOT NULL DEFAULT 1",
     "nnodes": "INTEGER NOT NULL DEFAULT 1",
+    # stderr's own file (-e), and how far a foreground `ccr run` relayed each file.
+    "error": "TEXT",
+    "out_offset": "INTEGER",
+    "err_offset": "INTEGER",
 }
 
 # Step states.  `vacating` marks a step whose tree is about to be killed by a checkpoint,
@@ -98,6 +102,9 @@ class StepRecord:
     node: str | None = None  # the node it runs on
     ntasks: int = 1  # tasks of the whole step, on every node
     nnodes: int = 1
+    error: str | None = None  # stderr's file; None: with stdout in `output`
+    out_offset: int | None = None  # bytes of output already relayed to a terminal
+    err_offset: int | None = None
 
     @property
     def id(self) -> StepId:
