@@ -64,6 +64,14 @@ def pending() -> int | None:
     return _State.pending
 
 
+def take_deferred() -> int | None:
+    """A signal that arrived inside a shield without raising, once; None if none did."""
+    if _State.raised or _State.pending is None:
+        return None
+    signum, _State.pending = _State.pending, None
+    return signum
+
+
 @contextmanager
 def shielded() -> Iterator[None]:
     """Defer Interrupted while the block runs (past a point of no return)."""

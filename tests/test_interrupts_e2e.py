@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -19,7 +20,7 @@ from test_faults_e2e import (
     stopped_tasks,
 )
 
-MIB = 512  # enough memory that a dump or restore takes a moment to land a signal in
+MIB = 1024  # enough memory that a dump or restore takes a moment to land a signal in
 
 
 class Lines:
@@ -47,6 +48,28 @@ def our_scratch(ccr: Ccr, purpose: str) -> list[Path]:
     return [p for p in Path("/dev/shm").glob(f".ccr-{purpose}-*") if p.name.split("-")[2] in pids]
 
 
+def criu_working(ccr: Ccr, parent: int | None = None) -> bool:
+    """CRIU dumps or restores (not `criu --version`) for this test's ccr, or for parent.
+
+    CRIU renames itself (`criu: dump ...`) over its environment, so a dump's CRIU is
+    found by its parent.  Cheap enough to poll often: a restore of a GiB lasts a second.
+    """
+    marker = f"CCR_STATE_DIR={ccr.state_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or not os.readlink(entry / "exe").endswith("/criu"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"swrk" not in cmdline.split(b"\0") and not cmdline.startswith(b"criu: "):
+                continue
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent or marker in (entry / "environ").read_bytes().split(b"\0"):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -63,7 +86,7 @@ def test_interrupted_restart_is_rolled_back(ccr: Ccr, moment: str) -> None:
     if moment == "unpack":
         seen = wait_for(lambda: our_scratch(ccr, "restore"), 60, "the images to be unpacked")
     else:
-        wait_for(lambda: criu_processes(ccr), 60, "CRIU to restore")
+        wait_for(lambda: criu_working(ccr), 60, "CRIU to restore")
         seen = our_scratch(ccr, "restore")
     proc.send_signal(signal.SIGINT)
     code, err = finish(proc)
@@ -89,7 +112,10 @@ def test_interrupted_create_leaves_the_job_running(
 ) -> None:
     out = start_big(ccr, 9102, MIB)
     proc = ccr.popen("create", "9102", *options)
-    wait_for(lambda: criu_processes(ccr), 60, "CRIU to dump")
+    if sig == signal.SIGINT:  # while CRIU dumps
+        wait_for(lambda: criu_working(ccr, proc.pid), 60, "CRIU to dump")
+    else:  # while anything of it runs: dump or compression
+        wait_for(lambda: staging_dirs(ccr.work), 60, "the checkpoint to begin")
     seen = our_scratch(ccr, "dump")
     proc.send_signal(sig)
     code, err = finish(proc)
@@ -140,3 +166,20 @@ def test_foreground_run_asks_before_interrupting(ccr: Ccr) -> None:
     step = ccr.step("9103.0")
     assert (step["state"], step["exit_code"]) == ("failed", 130)
     assert "KeyboardInterrupt" in out.read_text()
+
+
+def test_interrupted_resume_in_a_foreground_run_is_rolled_back(ccr: Ccr) -> None:
+    start_big(ccr, 9104, MIB)
+    ccr.run("create", "9104", "--stop")
+    wait_for(lambda: not processes_with_state_dir(ccr), 30, "the vacated tree to go")
+    # The requeued script runs the same command again: ccr resumes it, and is interrupted.
+    proc = ccr.popen("run", "--job-id", "9104", "--", "python3", "big.py", str(MIB))
+    wait_for(lambda: criu_working(ccr), 60, "CRIU to restore")
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert code == 130, err
+    assert "ccr: interrupted: resume of 9104.0 rolled back, nothing running" in err, err
+    wait_for(lambda: not processes_with_state_dir(ccr), 30, "every rolled-back process to go")
+    assert ccr.step("9104.0")["state"] == "vacated"
+    ccr.run("restart", "9104")
+    assert ccr.step("9104.0")["state"] == "running"

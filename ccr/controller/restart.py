@@ -292,6 +292,20 @@ def restart(
     max_wait: float | None = None,
 ) -> list[RestartResult]:
     """Restore every step that ref names from its newest checkpoint, each under a supervisor."""
+    try:
+        return _restart(rt, ref, image_dir, stick_to_nodes, max_wait)
+    except interrupts.Interrupted as exc:
+        exc.lines = exc.lines or ["interrupted: nothing was restored"]
+        raise
+
+
+def _restart(
+    rt: Runtime,
+    ref: JobRef,
+    image_dir: Path | None,
+    stick_to_nodes: bool,
+    max_wait: float | None,
+) -> list[RestartResult]:
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
     images = [load_image(rt, p, full=False) for p in find_images(rt, ref, image_dir)]
     for image in images:

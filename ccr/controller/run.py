@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +100,14 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
 
     announce receives {"step": "<jobid>.<stepid>", ...} once the step is running.
     """
+    try:
+        return _run(rt, req, announce)
+    except interrupts.Interrupted as exc:
+        exc.lines = exc.lines or ["interrupted: nothing was started"]
+        raise
+
+
+def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     if not req.argv:
         raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
     cwd = Path.cwd()
@@ -144,35 +153,42 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
 
     def start(report: sup.Report) -> int:
         supervisor = sup.Supervisor(rt, step, req.settings)
+        running = ExitStack()
         try:
             if resume is not None:
                 # Interrupted or failed, restore_into leaves nothing running.
                 result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
-                with rt.registry() as db:
-                    db.update_step(step, out_offset=offsets[0], err_offset=offsets[1])
-                report(
-                    {"ok": True, "step": str(step), "pid": result.pid, "resumed": str(resume.path)}
-                )
-                with rt.registry() as db:
-                    db.bump_restart_count(step.job_id)
+                message = {"ok": True, "step": str(step), "pid": result.pid}
+                message["resumed"] = str(resume.path)
             else:
                 pid = supervisor.start_fresh(req.argv, cwd, env, output, error, offsets)
                 message = {"ok": True, "step": str(step), "pid": pid, "output": str(output)}
                 if error is not None:
                     message["error"] = str(error)
-                report(message)
+            # The step runs: from here a Ctrl-C is the supervisor's to handle (it shows the
+            # state, see Supervisor.wait), not a reason to undo the start.
+            running.enter_context(interrupts.shielded())
+            if resume is not None:
+                with rt.registry() as db:
+                    db.update_step(step, out_offset=offsets[0], err_offset=offsets[1])
+            report(message)
+            if resume is not None:
+                with rt.registry() as db:
+                    db.bump_restart_count(step.job_id)
             slurmctl.record_task(rt, step)
         except BaseException:
             # Nobody was told the step runs (or its caller gave up): it must not run on.
+            running.close()
             supervisor.rollback()
             raise
-        if req.detach:
-            return supervisor.wait()
-        relaying = _relay(rt, step, files, offsets).start()
-        try:
-            return supervisor.wait()
-        finally:
-            relaying.stop()
+        with running:
+            if req.detach:
+                return supervisor.wait()
+            relaying = _relay(rt, step, files, offsets).start()
+            try:
+                return supervisor.wait()
+            finally:
+                relaying.stop()
 
     what = f"resume of {step}" if resume is not None else f"start of {step}"
     try:

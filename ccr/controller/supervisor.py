@@ -154,6 +154,9 @@ class Supervisor:
         handled: set[int] = {signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGTERM}
         handled.update(self.settings.preempt_signals)
         old = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        deferred = interrupts.take_deferred()  # came while the step was being started
+        if deferred is not None:
+            self._signals.append((deferred, time.monotonic()))
         try:
             return self._loop(wake_r)
         finally:
@@ -535,7 +538,14 @@ def _run_reporting(target: Callable[[Report], int], pipe: _ReportPipe) -> int:  
     except KeyboardInterrupt:
         # Abandoned by the caller (or SIGTERM): whatever target started is rolled back.
         print("ccr: supervisor: abandoned before the step was started", file=sys.stderr)
-        report({"ok": False, "abandoned": True, "error": "abandoned", "code": 130})
+        report(
+            {
+                "ok": False,
+                "abandoned": True,
+                "error": "the supervisor was interrupted before the step started",
+                "code": 130,
+            }
+        )
         return 130
     except BaseException as exc:  # noqa: BLE001 - a supervisor must always report
         traceback.print_exc()
