@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from ccr import __version__, progress, timestamps
+from ccr import __version__, interrupts, progress, timestamps
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
 from ccr.controller import restart as rst
@@ -157,6 +158,23 @@ def _global(
     Verbosity.level = -1 if quiet else (1 if verbose else 0)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _interruptible(func: F) -> F:
+    """Ctrl-C / SIGTERM raise Interrupted in func, which rolls back; main says the outcome."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        interrupts.install()
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _InterruptedCommand(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _signal_number(text: str) -> int:
     name = text.strip().upper()
     if name.startswith("B:"):
@@ -191,6 +209,7 @@ def _ref(text: str) -> JobRef:
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@_interruptible
 def run(
     command: list[str] = typer.Argument(..., help="The command to run, after `--`."),
     job_id: Optional[int] = typer.Option(
@@ -221,8 +240,19 @@ def run(
         envvar="SLURM_RESTART_DIR",
         help="Resume from the checkpoint in this directory instead of starting fresh.",
     ),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Output file, appended to (default: ccr-<jobid>.<stepid>.out)."
+    output: Optional[str] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="The step's stdout (and stderr without -e) file, appended to; Slurm's patterns "
+        "%j %J %s %N %n %t %u %x %A %a %%; `-` keeps it in the state dir (default: "
+        "ccr-<jobid>.<stepid>.out). A foreground run also shows it.",
+    ),
+    error: Optional[str] = typer.Option(
+        None,
+        "--error",
+        "-e",
+        help="The step's stderr file (patterns as -o; `-`: state dir); default: with stdout.",
     ),
     signal_name: str = typer.Option(
         "TERM",
@@ -283,6 +313,7 @@ def run(
         step_id=step_id,
         checkpoint_dir=checkpoint_dir,
         output=output,
+        error=error,
         restart_dir=restart_dir,
         detach=detach,
         settings=settings,
@@ -325,6 +356,7 @@ def _run_json(message: dict[str, Any], detach: bool) -> dict[str, Any]:
     }
 
 
+@_interruptible
 def _create(
     ref_text: str,
     image_dir: Optional[Path],
@@ -359,6 +391,14 @@ def _create(
         f"frozen {result.frozen_time:.2f}s, total {result.total_time:.2f}s)",
         "\n".join(details),
     )
+    _raise_if_interrupted(f"{ref} was already {verb} ({result.link})")
+
+
+def _raise_if_interrupted(outcome: str) -> None:
+    """A Ctrl-C that came past the point of no return: the work is done; say so, exit 130."""
+    signum = interrupts.pending()
+    if signum is not None:
+        raise interrupts.Interrupted(signum, [f"interrupted: {outcome}"])
 
 
 @app.command()
@@ -387,6 +427,7 @@ def create(
     _create(ref, image_dir, max_wait, not leave_running, as_json, compress, mkdir, tcp_established)
 
 
+@_interruptible
 def _restart(
     target: str,
     image_dir: Optional[Path],
@@ -867,6 +908,22 @@ def _fail(message: str, code: int, as_json: bool) -> int:
     return code
 
 
+class _InterruptedCommand(Exception):
+    """Carries a command's KeyboardInterrupt past typer (which would swallow it) to main."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C or SIGTERM: say what state it left (run, create, restart roll back first)."""
+    lines = exc.lines if isinstance(exc, interrupts.Interrupted) else []
+    for line in lines or ["interrupted"]:
+        print(f"ccr: {line}", file=sys.stderr)
+    return 128 + interrupts.signum_of(exc)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: every error becomes one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
@@ -876,6 +933,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = result if isinstance(result, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
+    except _InterruptedCommand as exc:
+        code = _interrupted(exc.interrupt)
     except typer.Abort:
         code = _fail("aborted", 130, as_json)
     except click.exceptions.NoArgsIsHelpError as exc:
@@ -885,8 +944,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = _fail(exc.format_message(), exc.exit_code, as_json)
     except CcrError as exc:
         code = _fail(str(exc), exit_code_for(exc), as_json)
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
         if os.environ.get("CCR_DEBUG"):
             raise

@@ -67,3 +67,61 @@ def checkpoint_name(ref: JobRef | StepId) -> str:
 def output_name(step: StepId) -> str:
     """Default output file of a step, as `ccr-<jobid>.<stepid>.out`."""
     return f"ccr-{step}.out"
+
+
+# Slurm's value of %a for a job that is not part of an array (NO_VAL - 1, as sbatch prints).
+NO_ARRAY_TASK = 4294967294
+
+_PATTERN = re.compile(r"%(\d*)(.)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class FileContext:
+    """What Slurm's filename patterns (`-o`, `-e`) expand to for one step task."""
+
+    job_id: int
+    step_id: int
+    node: str
+    user: str
+    job_name: str
+    array_job_id: int | None = None  # SLURM_ARRAY_JOB_ID; None: not an array job
+    array_task_id: int | None = None  # SLURM_ARRAY_TASK_ID
+    task_id: int = 0  # SLURM_PROCID
+    node_id: int = 0  # SLURM_NODEID
+
+
+def expand_filename_pattern(pattern: str, ctx: FileContext) -> str:
+    """Expand srun/sbatch filename patterns: %j %J %s %N %n %t %u %x %A %a %%.
+
+    A number after `%` pads a numeric value with zeros (`%4j` -> 0042), as in Slurm.
+    Outside an array `%A` is the job id and `%a` is 4294967294, as Slurm writes them.
+    """
+    numbers = {
+        "j": ctx.job_id,
+        "s": ctx.step_id,
+        "A": ctx.job_id if ctx.array_job_id is None else ctx.array_job_id,
+        "a": NO_ARRAY_TASK if ctx.array_task_id is None else ctx.array_task_id,
+        "t": ctx.task_id,
+        "n": ctx.node_id,
+    }
+    words = {"N": ctx.node, "u": ctx.user, "x": ctx.job_name}
+
+    def one(match: re.Match[str]) -> str:
+        width, key = match.group(1), match.group(2)
+        pad = int(width) if width else 0
+        if key == "%" and not width:
+            return "%"
+        if key in numbers:
+            return str(numbers[key]).zfill(pad)
+        if key == "J":
+            return f"{str(ctx.job_id).zfill(pad)}.{str(ctx.step_id).zfill(pad)}"
+        if key in words and not width:
+            return words[key]
+        raise UsageError(
+            f"unknown filename pattern %{width}{key} in {pattern!r} "
+            "(known: %j %J %s %N %n %t %u %x %A %a %%)"
+        )
+
+    if pattern.endswith("%") and not pattern.endswith("%%"):
+        raise UsageError(f"filename pattern {pattern!r} ends in a lone %")
+    return _PATTERN.sub(one, pattern)

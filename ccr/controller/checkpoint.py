@@ -7,10 +7,11 @@ import signal
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccr import progress
+from ccr import interrupts, progress
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
@@ -134,26 +135,47 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
         steps = _live_steps(db, ref)
     image_dir = opts.image_dir or Path(job.checkpoint_dir)
     keep = opts.keep if opts.keep is not None else job.keep
-    try:
-        with rt.job_lock(ref.job_id, opts.max_wait):
-            with rt.registry() as db:
-                db.update_job(ref.job_id, ckpt_began=time.time())
-                stale = [
-                    s for s in db.steps(ref.job_id) if s.state == reg.VACATING and _alive_tree(s)
-                ]
-            _resume(rt, stale)
-            try:
-                result = _create_locked(rt, ref, steps, image_dir, keep, opts, deadline, started)
-            finally:
+    # Once the checkpoint is being published, Ctrl-C no longer undoes it: the shield (entered
+    # by _create_locked) defers the signal to the caller, who asks interrupts.pending().
+    with ExitStack() as published:
+        try:
+            with rt.job_lock(ref.job_id, opts.max_wait):
                 with rt.registry() as db:
-                    db.update_job(ref.job_id, ckpt_began=None)
-    except CcrError as exc:
+                    db.update_job(ref.job_id, ckpt_began=time.time())
+                    stale = [
+                        s
+                        for s in db.steps(ref.job_id)
+                        if s.state == reg.VACATING and _alive_tree(s)
+                    ]
+                _resume(rt, stale)
+                try:
+                    result = _create_locked(
+                        rt, ref, steps, image_dir, keep, opts, deadline, started, published
+                    )
+                finally:
+                    with rt.registry() as db:
+                        db.update_job(ref.job_id, ckpt_began=None)
+        except CcrError as exc:
+            with rt.registry() as db:
+                db.update_job(ref.job_id, last_error=str(exc), last_error_code=exc.exit_code)
+            raise
+        except KeyboardInterrupt as exc:
+            # Rolled back on the way here (_create_locked): recorded like any failed checkpoint.
+            signum = interrupts.signum_of(exc)
+            name = signal.Signals(signum).name
+            with rt.registry() as db:
+                db.update_job(
+                    ref.job_id,
+                    last_error=f"checkpoint of {ref} interrupted ({name}); "
+                    "the job is running, nothing was published",
+                    last_error_code=128 + signum,
+                )
+            raise interrupts.Interrupted(
+                signum, [f"interrupted: {ref} keeps running, nothing published"]
+            ) from None
         with rt.registry() as db:
-            db.update_job(ref.job_id, last_error=str(exc), last_error_code=exc.exit_code)
-        raise
-    with rt.registry() as db:
-        db.update_job(ref.job_id, last_error=None, last_error_code=0)
-    return result
+            db.update_job(ref.job_id, last_error=None, last_error_code=0)
+        return result
 
 
 def _live_steps(db: reg.Registry, ref: JobRef) -> list[reg.StepRecord]:
@@ -182,6 +204,7 @@ def _create_locked(
     opts: CheckpointOptions,
     deadline: float | None,
     started: float,
+    published: ExitStack | None = None,
 ) -> CheckpointResult:
     key = rt.manifest_key(create=True)
     assert key is not None
@@ -220,6 +243,8 @@ def _create_locked(
                 total_time=time.monotonic() - started,
             )
             write_signed(staging / JOB_MANIFEST, job_manifest.to_dict(), key)
+        if published is not None:
+            published.enter_context(interrupts.shielded())
         generation = series.publish(staging)
     except MaxWaitExceeded as exc:
         discard(staging)
@@ -338,6 +363,7 @@ def _dump_step(
         argv=step.argv,
         cwd=step.cwd,
         output=step.output,
+        error=step.error,
         hostname=socket.gethostname(),
         uid=uid,
         gid=gid,

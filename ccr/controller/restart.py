@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ccr import progress
+from ccr import interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
@@ -224,13 +225,16 @@ def check_criu_version(rt: Runtime, image: StepImage) -> None:
 
 
 def prepare_files(image: StepImage) -> None:
-    """Recreate a deleted output file, so the restored tree can go on appending to it."""
-    out = Path(image.manifest.output)
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise StorageError(f"output directory {out.parent} of step {image.step} is gone")
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.close(fd)
+    """Recreate deleted output files, so the restored tree can go on appending to them."""
+    for name in (image.manifest.output, image.manifest.error):
+        if name is None:
+            continue
+        out = Path(name)
+        if not out.exists():
+            if not out.parent.is_dir():
+                raise StorageError(f"output directory {out.parent} of step {image.step} is gone")
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.close(fd)
 
 
 def restore_into(
@@ -280,31 +284,34 @@ def restore_into(
     finally:
         if packed:
             discard(raw_dir)
-    if gpu.needs_gpu(image.manifest.gpu):
-        try:
+    # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the
+    # supervisor owns it kills it, so no half-restored step outlives this call.
+    supervisor.adopt(result.pid)
+    try:
+        if gpu.needs_gpu(image.manifest.gpu):
+            # Without its GPU memory the job is not restored.
             gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
-        except BaseException:
-            # No half-restored tree: without its GPU memory the job is not restored.
-            process.signal_process(result.pid, signal.SIGKILL)
-            os.waitpid(result.pid, 0)
-            raise
-    with rt.registry() as db:
-        db.ensure_job(image.step.job_id, str(series_dir(image.path)))
-        existing = db.find_step(image.step)
-    m = image.manifest
-    record = existing or reg.StepRecord(
-        job_id=m.job_id,
-        step_id=m.step_id,
-        argv=m.argv,
-        cwd=m.cwd,
-        output=m.output,
-        state=reg.RUNNING,
-        init_pid=None,
-        init_start=None,
-        supervisor_pid=None,
-        started=time.time(),
-    )
-    supervisor.start_restored(result.pid, record)
+        with rt.registry() as db:
+            db.ensure_job(image.step.job_id, str(series_dir(image.path)))
+            existing = db.find_step(image.step)
+        m = image.manifest
+        record = existing or reg.StepRecord(
+            job_id=m.job_id,
+            step_id=m.step_id,
+            argv=m.argv,
+            cwd=m.cwd,
+            output=m.output,
+            error=m.error,
+            state=reg.RUNNING,
+            init_pid=None,
+            init_start=None,
+            supervisor_pid=None,
+            started=time.time(),
+        )
+        supervisor.start_restored(result.pid, record)
+    except BaseException:
+        supervisor.rollback()
+        raise
     return RestartResult(
         image.step,
         result.pid,
@@ -332,10 +339,11 @@ def restart(
     peers outside the step (as CCR_TCP_ESTABLISHED=1 does).
     """
     image_dir = image_dir or default_image_dir(rt, ref.job_id)
-    images = [
-        as_step(load_image(rt, path, full=False), step, rename)
-        for step, path in find_named_images(ref, image_dir)
-    ]
+    with _nothing_restored_if_interrupted():
+        images = [
+            as_step(load_image(rt, path, full=False), step, rename)
+            for step, path in find_named_images(ref, image_dir)
+        ]
     return restart_images(rt, images, image_dir, stick_to_nodes, max_wait, tcp_established)
 
 
@@ -385,7 +393,8 @@ def restart_path(
     tcp_established: bool = False,
 ) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
-    images = images_at(rt, path)
+    with _nothing_restored_if_interrupted():
+        images = images_at(rt, path)
     return restart_images(
         rt, images, series_dir(images[0].path), stick_to_nodes, max_wait, tcp_established
     )
@@ -418,28 +427,62 @@ def restart_images(
     for image in images:
         preflight(rt, image, stick_to_nodes)
     job_ids = sorted({image.step.job_id for image in images})
-    results = []
-    for image in images:
-        settings = _job_settings(rt, image.step.job_id)
-        settings.tcp_established = settings.tcp_established or tcp_established
-        message = sup.spawn_background(
-            str(image.step),
-            functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
-        )
-        results.append(
-            RestartResult(
-                image.step,
-                int(message["pid"]),
-                int(message["supervisor_pid"]),
-                image.path,
-                float(message["restore_time"]),
-                float(message.get("unpack_time", 0.0)),
+    results: list[RestartResult] = []
+    try:
+        for image in images:
+            settings = _job_settings(rt, image.step.job_id)
+            settings.tcp_established = settings.tcp_established or tcp_established
+            message = sup.spawn_background(
+                str(image.step),
+                functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
             )
-        )
-    with rt.registry() as db:
-        for job_id in job_ids:  # the job record exists now: the restore made it
-            db.bump_restart_count(job_id)
+            results.append(
+                RestartResult(
+                    image.step,
+                    int(message["pid"]),
+                    int(message["supervisor_pid"]),
+                    image.path,
+                    float(message["restore_time"]),
+                    float(message.get("unpack_time", 0.0)),
+                )
+            )
+    except interrupts.Interrupted as exc:
+        exc.lines = _interrupted_lines(images, results, exc.started)
+        raise
+    finally:
+        if results:
+            with rt.registry() as db:
+                for job_id in job_ids:  # the job record exists now: the restore made it
+                    db.bump_restart_count(job_id)
     return results
+
+
+@contextmanager
+def _nothing_restored_if_interrupted() -> Iterator[None]:
+    """An interrupt before any restore began (while finding and verifying images)."""
+    try:
+        yield
+    except interrupts.Interrupted as exc:
+        exc.lines = exc.lines or ["interrupted: nothing was restored"]
+        raise
+
+
+def _interrupted_lines(
+    images: list[StepImage], done: list[RestartResult], started: dict[str, Any] | None
+) -> list[str]:
+    """What an interrupted restart left: one line per step it had begun."""
+    lines = [
+        f"interrupted: {r.step} was already restored (pid {r.pid}) and keeps running" for r in done
+    ]
+    current = images[len(done)].step
+    if started is not None:
+        lines.append(
+            f"interrupted: {current} was already restored (pid {started['pid']}) and keeps running"
+        )
+    else:
+        rest = ", nothing running" if not done else ""
+        lines.append(f"interrupted: restore of {current} rolled back{rest}")
+    return lines
 
 
 def _job_settings(rt: Runtime, job_id: int) -> sup.SupervisorSettings:
@@ -461,5 +504,9 @@ def _restore_and_supervise(
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
     result = restore_into(rt, supervisor, image, max_wait)
-    report({"ok": True, **result.to_dict()})
+    try:
+        report({"ok": True, **result.to_dict()})
+    except BaseException:  # the caller abandoned the restore before hearing of it
+        supervisor.rollback()
+        raise
     return supervisor.wait()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ccr import interrupts
+from ccr.controller import relay
 from ccr.controller import restart as rst
 from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
@@ -27,7 +30,8 @@ class RunRequest:
     job_id: int | None = None
     step_id: int | None = None
     checkpoint_dir: Path | None = None
-    output: Path | None = None
+    output: str | None = None  # -o: a Slurm filename pattern, or "-" (relay only)
+    error: str | None = None  # -e: stderr's own file; None: with stdout
     restart_dir: Path | None = None
     detach: bool = False
     mkdir: bool = False  # create a missing checkpoint dir's missing parents too
@@ -85,15 +89,27 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
 
     announce receives {"step": "<jobid>.<stepid>", ...} once the step is running.
     """
+    try:
+        return _run(rt, req, announce)
+    except interrupts.Interrupted as exc:
+        exc.lines = exc.lines or ["interrupted: nothing was started"]
+        raise
+
+
+def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
     if not req.argv:
         raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
     cwd = Path.cwd()
     env = dict(os.environ)
     req.settings = slurmctl.task_settings(req.settings)
+    if not req.detach:
+        req.settings = replace(req.settings, confirm_interrupt=True)
     step = _resolve_step(rt, req)
     ckpt_dir = prepare_image_dir(req.checkpoint_dir or cwd, "checkpoint directory", req.mkdir)
     env.update(slurmctl.task_exports(rt, step, ckpt_dir))
-    output = (req.output or slurmctl.output_file(step, cwd)).resolve()
+    output = slurmctl.output_file(step, cwd, req.output, req.argv).resolve()
+    error = slurmctl.error_file(step, cwd, req.error, req.argv)
+    error = None if error is None else error.resolve()
     resume = _resume_image(
         rt, step, req.restart_dir or ckpt_dir, req.restart_dir is not None, req.argv
     )
@@ -111,40 +127,94 @@ def run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
             keep=req.settings.keep,
         )
 
+    # A resumed step writes where its checkpoint says; a relay goes on where the last stopped.
+    files = (
+        (Path(resume.manifest.output), _path(resume.manifest.error))
+        if resume is not None
+        else (output, error)
+    )
+    offsets = (
+        relay.start_offset(files[0], existing.out_offset if resume and existing else None),
+        None
+        if files[1] is None
+        else relay.start_offset(files[1], existing.err_offset if resume and existing else None),
+    )
+
     def start(report: sup.Report) -> int:
         supervisor = sup.Supervisor(rt, step, req.settings)
-        if resume is not None:
-            result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
-            with rt.registry() as db:
-                db.bump_restart_count(step.job_id)
-            report(
-                {
-                    "ok": True,
-                    "step": str(step),
-                    "pid": result.pid,
-                    "supervisor_pid": os.getpid(),
-                    "resumed": str(resume.path),
-                }
-            )
-        else:
-            pid = supervisor.start_fresh(req.argv, cwd, env, output)
-            report(
-                {
-                    "ok": True,
-                    "step": str(step),
-                    "pid": pid,
-                    "supervisor_pid": os.getpid(),
-                    "output": str(output),
-                }
-            )
-        slurmctl.record_task(rt, step)
-        return supervisor.wait()
+        running = ExitStack()
+        try:
+            if resume is not None:
+                # Interrupted or failed, restore_into leaves nothing running.
+                result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
+                message = {"ok": True, "step": str(step), "pid": result.pid}
+                message["resumed"] = str(resume.path)
+                message["supervisor_pid"] = os.getpid()
+            else:
+                pid = supervisor.start_fresh(req.argv, cwd, env, output, error, offsets)
+                message = {"ok": True, "step": str(step), "pid": pid, "output": str(output)}
+                message["supervisor_pid"] = os.getpid()
+                if error is not None:
+                    message["error"] = str(error)
+            # The step runs: from here a Ctrl-C is the supervisor's to handle (it shows the
+            # state, see Supervisor.wait), not a reason to undo the start.
+            running.enter_context(interrupts.shielded())
+            if resume is not None:
+                with rt.registry() as db:
+                    db.update_step(step, out_offset=offsets[0], err_offset=offsets[1])
+            report(message)
+            if resume is not None:
+                with rt.registry() as db:
+                    db.bump_restart_count(step.job_id)
+            slurmctl.record_task(rt, step)
+        except BaseException:
+            # Nobody was told the step runs (or its caller gave up): it must not run on.
+            running.close()
+            supervisor.rollback()
+            raise
+        with running:
+            if req.detach:
+                return supervisor.wait()
+            relaying = _relay(rt, step, files, offsets).start()
+            try:
+                return supervisor.wait()
+            finally:
+                relaying.stop()
 
-    if req.detach:
-        message = sup.spawn_background(str(step), start)
-        announce(message)
-        return 0
-    return start(announce)
+    what = f"resume of {step}" if resume is not None else f"start of {step}"
+    try:
+        if req.detach:
+            message = sup.spawn_background(str(step), start)
+            announce(message)
+            return 0
+        return start(announce)
+    except interrupts.Interrupted as exc:
+        started = exc.started
+        exc.lines = [
+            f"interrupted: {step} was already started (pid {started['pid']}) and keeps running"
+            if started is not None
+            else f"interrupted: {what} rolled back, nothing running"
+        ]
+        raise
+
+
+def _path(name: str | None) -> Path | None:
+    return None if name is None else Path(name)
+
+
+def _relay(
+    rt: Runtime, step: StepId, files: tuple[Path, Path | None], offsets: tuple[int, int | None]
+) -> relay.Relay:
+    """stdout (with stderr, unless -e) to our stdout; -e's file to our stderr."""
+    sources = [relay.Source(files[0], offsets[0], sys.stdout.buffer)]
+    if files[1] is not None and offsets[1] is not None:
+        sources.append(relay.Source(files[1], offsets[1], sys.stderr.buffer))
+
+    def save(done: list[int]) -> None:
+        with rt.registry() as db:
+            db.update_step(step, out_offset=done[0], err_offset=done[1] if len(done) > 1 else None)
+
+    return relay.Relay(sources, save)
 
 
 def _alive(step: reg.StepRecord) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import queue
 import secrets
 import select
@@ -24,14 +25,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from ccr import config
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import supervisor as sup
 from ccr.controller.restart import default_image_dir
 from ccr.controller.runtime import Runtime
 from ccr.engines import slurm
 from ccr.engines.compression import Codec
-from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, error_for_code, exit_code_for
-from ccr.ids import JobRef, StepId, checkpoint_name, output_name
+from ccr.errors import (
+    CcrError,
+    JobStateError,
+    MaxWaitExceeded,
+    StorageError,
+    UsageError,
+    error_for_code,
+    exit_code_for,
+)
+from ccr.ids import (
+    FileContext,
+    JobRef,
+    StepId,
+    checkpoint_name,
+    expand_filename_pattern,
+    output_name,
+)
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
     CheckpointSeries,
@@ -65,11 +82,87 @@ def task_settings(settings: sup.SupervisorSettings) -> sup.SupervisorSettings:
     return replace(settings, interval=0, preempt_signals=())
 
 
-def output_file(step: StepId, cwd: Path) -> Path:
-    """`ccr-J.S.out`, or `ccr-J.S.<rank>.out` for a task of a multi-task step."""
+def output_file(
+    step: StepId, cwd: Path, pattern: str | None = None, argv: list[str] | None = None
+) -> Path:
+    """Where a step's stdout goes: `-o PATTERN` (Slurm's %j, %s, ... expanded), else
+    `ccr-J.S.out` (`ccr-J.S.<rank>.out` for a task of a multi-task step); `-o -` keeps the
+    file in the state directory (the foreground relay is then the only copy one sees)."""
     task = slurm.TaskEnv.from_env()
     name = output_name(step)
-    return cwd / (f"{name[:-4]}.{task.rank}.out" if task.multi else name)
+    default = f"{name[:-4]}.{task.rank}.out" if task.multi else name
+    return _step_file(step, cwd, pattern, argv or [], default, "-o", "out")
+
+
+def error_file(
+    step: StepId, cwd: Path, pattern: str | None, argv: list[str] | None = None
+) -> Path | None:
+    """Where a step's stderr goes: `-e PATTERN`, else None (with stdout)."""
+    if pattern is None:
+        return None
+    return _step_file(step, cwd, pattern, argv or [], "", "-e", "err")
+
+
+def _step_file(
+    step: StepId, cwd: Path, pattern: str | None, argv: list[str], default: str, flag: str, ext: str
+) -> Path:
+    task = slurm.TaskEnv.from_env()
+    if pattern is None:
+        return cwd / default
+    if pattern == "-":
+        private = config.state_dir() / "output"
+        private.mkdir(mode=0o700, exist_ok=True)
+        rank = f".{task.rank}" if task.multi else ""
+        return private / f"{step}{rank}.{ext}"
+    path = cwd / expand_filename_pattern(pattern, file_context(step, argv))
+    refuse_terminal(path, flag)
+    if not path.parent.is_dir():
+        raise StorageError(f"{flag} {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise StorageError(f"{flag} {path} is a directory")
+    return path
+
+
+def file_context(step: StepId, argv: list[str]) -> FileContext:
+    """What %N, %u, %x, %A, %a, %t, %n mean for this task, from Slurm's environment."""
+    task = slurm.TaskEnv.from_env()
+
+    def env_int(name: str) -> int | None:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return FileContext(
+        job_id=step.job_id,
+        step_id=step.step_id,
+        node=task.node,
+        user=user,
+        job_name=os.environ.get("SLURM_JOB_NAME") or (Path(argv[0]).name if argv else "ccr"),
+        array_job_id=env_int("SLURM_ARRAY_JOB_ID"),
+        array_task_id=env_int("SLURM_ARRAY_TASK_ID"),
+        task_id=task.rank or 0,
+        node_id=env_int("SLURM_NODEID") or 0,
+    )
+
+
+def refuse_terminal(path: Path, flag: str) -> None:
+    """A terminal cannot be an output file: CRIU cannot dump a tty it does not own."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return  # a file yet to be created (or one the step will fail to open, and say so)
+    try:
+        tty = os.isatty(fd)
+    finally:
+        os.close(fd)
+    if tty:
+        raise UsageError(
+            f"{flag} {path} is a terminal: CRIU cannot checkpoint a step writing to a terminal; "
+            f"omit {flag} and a foreground ccr run shows the output there"
+        )
 
 
 def record_task(rt: Runtime, step: StepId, rank: int | None = None, ntasks: int = 0) -> None:

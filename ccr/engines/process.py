@@ -82,26 +82,30 @@ def spawn_step(
     output: Path,
     init: str,
     private_tmp: bool = True,
+    error: Path | None = None,
 ) -> int:
     """Start argv as a step and return the host PID of the step's init.
 
     The init (PID 1 of a fresh PID namespace, session leader, stdin /dev/null, stdout and
-    stderr appended to `output`) runs `argv` under `init` (dumb-init), which reaps orphans
-    and forwards signals.  A PID namespace per step means the whole tree, daemons included,
-    hangs under one root for CRIU, and restores never collide with PIDs in use.  The init
-    ends up a child of the caller, which must be a subreaper (see become_subreaper).
+    stderr appended to `output`, or stderr to `error` when given) runs `argv` under `init`
+    (dumb-init), which reaps orphans and forwards signals.  A PID namespace per step means
+    the whole tree, daemons included, hangs under one root for CRIU, and restores never
+    collide with PIDs in use.  The init ends up a child of the caller, which must be a
+    subreaper (see become_subreaper).
 
     The step is a small world of its own (see _build_world): its own mount namespace with
     its own procfs, a private tmpfs at /dev/shm and (private_tmp) at /tmp, and its own IPC
     namespace.  CRIU dumps and restores all of these with the tree.
     """
-    # Created (and checked) here; the step opens it again inside its mount namespace, as CRIU
-    # finds a file only through a mount of the dumped tree's namespace.
-    os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
+    # Created (and checked) here; the step opens them again inside its mount namespace, as
+    # CRIU finds a file only through a mount of the dumped tree's namespace.
+    for path in (output, error):
+        if path is not None:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        _intermediate(argv, cwd, env, init, report_w, private_tmp, output)
+        _intermediate(argv, cwd, env, init, report_w, private_tmp, (output, error))
     os.close(report_w)
     data = b""
     while chunk := os.read(report_r, 65536):
@@ -123,7 +127,7 @@ def _intermediate(
     init: str,
     w: int,
     private_tmp: bool,
-    output: Path,
+    files: tuple[Path, Path | None],
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         try:
@@ -136,7 +140,7 @@ def _intermediate(
             os._exit(1)
         pid = os.fork()
         if pid == 0:
-            _exec_init(argv, cwd, env, init, w, private_tmp, output)
+            _exec_init(argv, cwd, env, init, w, private_tmp, files)
         os.write(w, struct.pack("q", pid))
     finally:
         os._exit(0)
@@ -187,19 +191,20 @@ def _under(path: Path, top: str) -> bool:
     return path == Path(top) or Path(top) in path.parents
 
 
-def _build_world(cwd: Path, output: Path, private_tmp: bool) -> None:  # pragma: no cover
+def _build_world(cwd: Path, outputs: list[Path], private_tmp: bool) -> None:  # pragma: no cover
     """Give the step, PID 1 of its PID namespace, its own /proc, /dev/shm, /tmp (and IPC).
 
     Runs in the step's fresh mount namespace, before exec.  The node's mounts under /proc,
     /dev/shm and (private_tmp) /tmp are detached in this namespace only, so that CRIU sees no
     hidden mounts beneath the step's own.  The step's working directory and the directory of
-    its output file stay reachable at their paths when they lie under a private /tmp: they
+    its output files stay reachable at their paths when they lie under a private /tmp: they
     are bind-mounted from the node (not private, not in the checkpoint), as the step's
     stdout and cwd must be reachable by path for CRIU.
     """
     keep: list[tuple[Path, int]] = []
     if private_tmp:
-        for path in sorted({cwd.resolve(), output.resolve().parent}, key=lambda p: len(p.parts)):
+        dirs = {cwd.resolve(), *(out.resolve().parent for out in outputs)}
+        for path in sorted(dirs, key=lambda p: len(p.parts)):
             if _under(path, TMP) and path != Path(TMP):
                 if not any(_under(path, str(k)) for k, _ in keep):
                     keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
@@ -227,20 +232,23 @@ def _exec_init(
     init: str,
     w: int,
     private_tmp: bool,
-    output: Path,
+    files: tuple[Path, Path | None],
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         os.setsid()
+        output, error = files
         try:
-            _build_world(cwd, output, private_tmp)
+            _build_world(cwd, [output] + ([error] if error else []), private_tmp)
         except OSError as exc:
             os.write(w, f"cannot set up the step's mounts: {exc}".encode())
             os._exit(127)
-        out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        out_fd = os.open(output, flags, 0o644)
+        err_fd = out_fd if error is None else os.open(error, flags, 0o644)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
+        os.dup2(err_fd, 2)
         os.closerange(3, w)
         os.closerange(w + 1, 65536)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

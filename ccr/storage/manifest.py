@@ -71,6 +71,7 @@ class StepManifest:
     network_lock: str = ""  # CRIU's network lock of that dump ("": CRIU's default)
     # What the step had of its own (process.step_world): mount/IPC namespaces, private /tmp.
     world: dict[str, bool] = field(default_factory=dict)
+    error: str | None = None  # stderr's own file (-e), reopened by the restored tree
     format: int = FORMAT
 
     @property

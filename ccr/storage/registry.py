@@ -62,6 +62,10 @@ STEP_COLUMNS = {
     "node": "TEXT",
     "ntasks": "INTEGER NOT NULL DEFAULT 1",
     "nnodes": "INTEGER NOT NULL DEFAULT 1",
+    # stderr's own file (-e), and how far a foreground `ccr run` relayed each file.
+    "error": "TEXT",
+    "out_offset": "INTEGER",
+    "err_offset": "INTEGER",
 }
 
 # Step states.  `vacating` marks a step whose tree is about to be killed by a checkpoint,
@@ -98,6 +102,9 @@ class StepRecord:
     node: str | None = None  # the node it runs on
     ntasks: int = 1  # tasks of the whole step, on every node
     nnodes: int = 1
+    error: str | None = None  # stderr's file; None: with stdout in `output`
+    out_offset: int | None = None  # bytes of output already relayed to a terminal
+    err_offset: int | None = None
 
     @property
     def id(self) -> StepId:
@@ -246,6 +253,12 @@ class Registry:
         with self.transaction() as db:
             db.execute(
                 f"INSERT OR REPLACE INTO steps ({cols}) VALUES ({marks})", tuple(data.values())
+            )
+
+    def delete_step(self, step: StepId) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM steps WHERE job_id = ? AND step_id = ?", (step.job_id, step.step_id)
             )
 
     def update_step(self, step: StepId, **values: Any) -> None:
