@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ccr import config
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import inspect, jobs, slurm
 from ccr.controller import restart as rst
@@ -63,7 +64,7 @@ def create(
         max_wait=max_wait,
         stop=stop,
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
-        tcp_established=tcp_established or ckpt.tcp_established_default(),
+        tcp_established=tcp_established or config.tcp_established_default(),
     )
     return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
 

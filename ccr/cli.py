@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
 
@@ -18,20 +18,39 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from ccr import __version__, interrupts, progress, timestamps
-from ccr.controller import checkpoint as ckpt
-from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
-from ccr.controller import restart as rst
-from ccr.controller import run as runner
-from ccr.controller import slurm as slurmctl
-from ccr.controller import supervisor as sup
-from ccr.controller.checkpoint import Codec, parse_codec
+from ccr import __version__, config, interrupts, progress, timestamps
 from ccr.controller.runtime import Runtime
 from ccr.errors import CcrError, CriuError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
+from ccr.lazy import lazy_module
 from ccr.slurm_commands import register as register_slurm_commands
 from ccr.slurm_time import format_seconds, parse_slurm_time
-from ccr.storage.imageset import checkpoint_step_dirs
+
+if TYPE_CHECKING:
+    from ccr.controller import checkpoint as ckpt
+    from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
+    from ccr.controller import restart as rst
+    from ccr.controller import run as runner
+    from ccr.controller import slurm as slurmctl
+    from ccr.controller import supervisor as sup
+    from ccr.engines.compression import Codec
+    from ccr.storage import imageset
+else:
+    # A read-only command (list, status, checkpoint able/error, --help, --version) must not
+    # pay for what it does not use: the controller pulls in CRIU's protobufs (pycriu),
+    # psutil, zstandard and blake3, which cost more than the command itself (issue 16:
+    # `import ccr.cli` took 0.35 s of `ccr list`'s 0.9 s).  Each module loads on first use.
+    ckpt = lazy_module("ccr.controller.checkpoint")
+    convert = lazy_module("ccr.controller.convert")
+    doctor = lazy_module("ccr.controller.doctor")
+    inspect = lazy_module("ccr.controller.inspect")
+    jobs = lazy_module("ccr.controller.jobs")
+    slurm_restart = lazy_module("ccr.controller.slurm_restart")
+    rst = lazy_module("ccr.controller.restart")
+    runner = lazy_module("ccr.controller.run")
+    slurmctl = lazy_module("ccr.controller.slurm")
+    sup = lazy_module("ccr.controller.supervisor")
+    imageset = lazy_module("ccr.storage.imageset")
 
 T = TypeVar("T")
 
@@ -55,11 +74,11 @@ TCP_HELP = (
 
 
 def _tcp(flag: bool) -> bool:
-    return flag or ckpt.tcp_established_default()
+    return flag or config.tcp_established_default()
 
 
 def _codec(text: Optional[str]) -> Codec:
-    return parse_codec(text) if text is not None else ckpt.default_codec()
+    return ckpt.parse_codec(text) if text is not None else ckpt.default_codec()
 
 
 class Verbosity:
@@ -663,7 +682,7 @@ def decompress(
 
     Example: ccr decompress /scratch/ckpt/42.0.ckpt
     """
-    _convert(ckpt_dir, Codec("none", 0), as_json)
+    _convert(ckpt_dir, ckpt.Codec("none", 0), as_json)
 
 
 @app.command()
@@ -674,7 +693,7 @@ def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool =
     """
     rt = Runtime.from_env()
     target = ckpt_dir.resolve()
-    dirs = checkpoint_step_dirs(ckpt_dir)
+    dirs = imageset.checkpoint_step_dirs(ckpt_dir)
     for d in dirs:
         rst.load_image(rt, d)
     _emit(

@@ -72,3 +72,8 @@ def init_binary() -> str:
     if not found:
         raise CcrError("dumb-init not found: install ccr's dependencies (pip install dumb-init)")
     return found
+
+
+def tcp_established_default() -> bool:
+    """`CCR_TCP_ESTABLISHED=1`: checkpoint connections to outside the step by default."""
+    return os.environ.get("CCR_TCP_ESTABLISHED", "") not in ("", "0", "no", "false")

@@ -7,10 +7,7 @@ from typing import Optional
 
 import typer
 
-from ccr.controller import slurm as slurmctl
-from ccr.controller import slurm_restart
 from ccr.controller.runtime import Runtime
-from ccr.engines.compression import parse_codec
 from ccr.ids import parse_job_ref
 
 
@@ -24,6 +21,9 @@ def node_checkpoint(
     mkdir: bool = typer.Option(False, "--mkdir"),
 ) -> None:
     """Dump this node's tasks of a job for `ccr create` (one task per node of an srun step)."""
+    from ccr.controller import slurm as slurmctl  # not for every other command's start-up
+    from ccr.engines.compression import parse_codec
+
     code = slurmctl.node_checkpoint(
         Runtime.from_env(),
         parse_job_ref(ref),
@@ -44,6 +44,8 @@ def restore_rank(
     max_wait: Optional[float] = typer.Option(None, "--max-wait"),
 ) -> None:
     """Restore this task's rank of a multi-node checkpoint and wait for it (under srun)."""
+    from ccr.controller import slurm_restart
+
     code = slurm_restart.restore_rank(Runtime.from_env(), gen, step, stick, max_wait)
     raise typer.Exit(code)
 

@@ -386,7 +386,10 @@ class Bench:
         """Dump (and kill) target into images: (wall seconds, CRIU's frozen_time)."""
         stats = self.scratch / "work" / "stats-dump"
         stats.unlink(missing_ok=True)
-        wall = self.run_criu(["dump", "-t", str(target.pid), "-D", str(images)], "dump.log")
+        args = ["dump", "-t", str(target.pid), "-D", str(images)]
+        if own_mount_ns(target.pid):  # a ccr step: the node's mounts it sees are external
+            args += ["--ext-mount-map", "auto"]
+        wall = self.run_criu(args, "dump.log")
         reap(target)
         # stats-dump lands in the work directory (-W), so it is no part of the image.
         frozen = read_dump_stats(stats).frozen_time or wall
@@ -395,9 +398,10 @@ class Bench:
     def restore(self, images: Path) -> tuple[float, psutil.Process]:
         pidfile = self.scratch / "work" / "restored.pid"
         pidfile.unlink(missing_ok=True)
-        wall = self.run_criu(
-            ["restore", "-D", str(images), "-d", "--pidfile", str(pidfile)], "restore.log"
-        )
+        args = ["restore", "-D", str(images), "-d", "--pidfile", str(pidfile)]
+        if any(p.name.startswith("mountpoints-") for p in images.iterdir()):
+            args += ["--ext-mount-map", "auto", "--root", "/"]  # as ccr restores a step
+        wall = self.run_criu(args, "restore.log")
         root = psutil.Process(int(pidfile.read_text()))
         self.started.append(root)
         return wall, root
@@ -410,6 +414,14 @@ class Bench:
                 pass
             reap(proc)
         self.started.clear()
+
+
+def own_mount_ns(pid: int) -> bool:
+    """Whether pid has a mount namespace of its own (a ccr step), not ours."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
 
 
 def reap(proc: psutil.Process) -> None:
@@ -812,6 +824,72 @@ def check_setup(criu: str) -> None:
         sys.exit(f"numpy is missing: {sys.executable} -m pip install numpy")
 
 
+# Issue 16's targets: read-only commands answer like scontrol did (in milliseconds), and
+# create/restart cost at most this much more than raw CRIU on the same tree.
+READ_ONLY_TARGET_S = 0.150
+OVERHEAD_TARGET_S = 0.300
+
+
+def cli_bench(bench: Bench, reps: int) -> str:
+    """`--cli`: per-call cost of the CLI, medians of reps, with met/MISSED per target.
+
+    Read-only commands run against a live 64 MiB job; create/restart of a 64 MiB tree
+    (`ccr create --stop --compress none`, then `ccr restart`, whole CLI calls) are
+    compared with raw `criu dump`/`criu restore` of a ccr-launched 64 MiB tree in the
+    same run, alternating, so the difference is what ccr adds per call.
+    """
+    size = 64 * MiB
+    job, _, _ = bench.start_ccr_target(size, "realistic")
+    ref = f"{job}.0"
+    commands = [
+        ["--version"],
+        ["--help"],
+        ["list"],
+        ["status", str(job)],
+        ["status", str(job), "--json"],
+        ["checkpoint", "able", str(job)],
+        ["checkpoint", "error", str(job)],
+    ]
+    rows = ["| command | median s | target | verdict |", "|---|---|---|---|"]
+    for args in commands:
+        times = [bench.ccr(args)[0] for _ in range(reps)]
+        med = median(times)
+        verdict = "met" if med <= READ_ONLY_TARGET_S else "MISSED"
+        rows.append(f"| `ccr {' '.join(args)}` | {med:.3f} | <= {READ_ONLY_TARGET_S} | {verdict} |")
+    _, raw_root, _ = bench.start_ccr_target(size, "realistic")
+    raw_dump, raw_restore, ccr_create, ccr_restart = [], [], [], []
+    storage = bench.storage / "cli-raw"
+    for _ in range(reps):
+        fresh_dir(storage)
+        wall, _ = bench.dump(raw_root, storage)
+        reap_zombies()
+        raw_dump.append(wall)
+        evict(storage)
+        wall, raw_root = bench.restore(storage)
+        raw_restore.append(wall)
+        took, made = bench.ccr(["create", ref, "--stop", "--compress", "none", "--json"])
+        assert isinstance(made, dict)
+        ccr_create.append(took)
+        reap_zombies()
+        evict(Path(made["path"]))
+        ccr_restart.append(bench.ccr(["restart", ref, "--json"])[0])
+        bench.adopt_ccr_step(job)
+    shutil.rmtree(storage, ignore_errors=True)
+    rows += ["", "| 64 MiB tree | ccr s | raw CRIU s | overhead s | target | verdict |"]
+    rows.append("|---|---|---|---|---|---|")
+    for name, mine, raw in (
+        ("create (--stop, none)", ccr_create, raw_dump),
+        ("restart", ccr_restart, raw_restore),
+    ):
+        extra = median(mine) - median(raw)
+        verdict = "met" if extra <= OVERHEAD_TARGET_S else "MISSED"
+        rows.append(
+            f"| {name} | {median(mine):.3f} | {median(raw):.3f} | {extra:+.3f} | "
+            f"<= {OVERHEAD_TARGET_S} | {verdict} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="256M,1G,4G", help="payload sizes (default %(default)s)")
@@ -831,6 +909,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants", help="only these rows, e.g. criu,criu@ccr,ccr-none,ccr-zstd1 (default all)"
+    )
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="only the CLI's per-call cost: read-only commands and create/restart overhead "
+        "over raw CRIU (medians of --reps, default 10 here)",
     )
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/ccrbench"))
@@ -863,6 +947,30 @@ def main(argv: list[str] | None = None) -> int:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         sys.exit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
     bench = Bench(args.criu, fresh_dir(args.scratch), fresh_dir(args.storage))
+    if args.cli:
+        began = time.monotonic()
+        try:
+            table = cli_bench(bench, args.reps if args.reps != 3 else 10)
+        finally:
+            try:
+                bench.cancel_ccr_jobs()
+            finally:
+                bench.kill_all()
+                reap_zombies()
+            shutil.rmtree(args.scratch, ignore_errors=True)
+            shutil.rmtree(args.storage, ignore_errors=True)
+        header = (
+            f"ccr CLI per-call cost, {time.strftime('%Y-%m-%d %H:%M')}, median of "
+            f"{args.reps if args.reps != 3 else 10}; kernel {platform.release()}, "
+            f"{os.cpu_count()} CPUs; raw CRIU = `criu dump`/`criu restore` of a ccr-launched "
+            "64 MiB tree in the same run, page cache dropped before each restore."
+        )
+        table = header + "\n\n" + table
+        table += f"\nRun time {time.monotonic() - began:.0f} s.\n"
+        print(table)
+        if args.out:
+            args.out.write_text(table)
+        return 0
     results: dict[tuple[int, str], dict[str, list[Sample]]] = {}
     clis: dict[tuple[int, str], dict[int, CliSample]] = {}
     began = time.monotonic()

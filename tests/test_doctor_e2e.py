@@ -107,8 +107,8 @@ def test_criu_check_is_cached_per_binary(ccr: Ccr) -> None:
 
     ccr.run("run", "--job-id", "9232", "--", "true", env=env)
     assert checks() == 1
-    cache = ccr.state_dir / "criu-check.json"
-    assert json.loads(cache.read_text())["binary"] == str(wrapper)
+    cache = ccr.state_dir / "criu-facts.json"
+    assert json.loads(cache.read_text())["key"]["binary"] == str(wrapper)
     ccr.run("run", "--job-id", "9233", "--", "true", env=env)
     assert checks() == 1  # cached
     later = time.time() + 5

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccr import interrupts, progress
+from ccr import config, interrupts, progress
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
@@ -53,7 +53,7 @@ class CheckpointOptions:
     codec: Codec = field(default_factory=default_codec)
     mkdir: bool = False  # create a missing image dir's missing parents too
     # Also checkpoint TCP connections to peers outside the step (--tcp-established).
-    tcp_established: bool = field(default_factory=lambda: tcp_established_default())
+    tcp_established: bool = field(default_factory=config.tcp_established_default)
 
 
 # Without MaxWait, a dump still ends: CRIU gets this long plus so much per GiB of the tree's
@@ -78,11 +78,6 @@ def dump_watchdog(rss: int) -> float | None:
     if value < 0:
         raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is negative")
     return value or None
-
-
-def tcp_established_default() -> bool:
-    """`CCR_TCP_ESTABLISHED=1`: checkpoint connections to outside the step by default."""
-    return os.environ.get("CCR_TCP_ESTABLISHED", "") not in ("", "0", "no", "false")
 
 
 @dataclass

@@ -8,7 +8,6 @@ what is missing and which commands install it.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import platform
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ccr import __version__, config
+from ccr.controller.runtime import CRIU_FACTS
 from ccr.engines import criu as criu_engine
 from ccr.errors import CcrError, CriuError
 
@@ -25,7 +25,6 @@ MIN_CRIU_MAJOR = 4
 # Features `ccr version` reports: incremental dumps need mem_dirty_track, lazy restores
 # (page server) need userfaultfd with non-cooperative events.
 FEATURES = ("mem_dirty_track", "uffd", "uffd-noncoop", "pidfd_store", "timens")
-CACHE_NAME = "criu-check.json"
 README_SECTION = "README.md, section 'Set-up'"
 
 
@@ -183,26 +182,12 @@ def version_info() -> dict[str, Any]:
     }
 
 
-def _cache_key(binary: str) -> dict[str, Any] | None:
-    try:
-        st = os.stat(binary)
-    except OSError:
-        return None
-    # criu check's answer depends on the binary and on the kernel it runs on.
-    return {
-        "binary": binary,
-        "mtime_ns": st.st_mtime_ns,
-        "size": st.st_size,
-        "kernel": platform.release(),
-    }
-
-
 def require_checkpointing(state_dir: Path) -> None:
     """Raise CriuError (exit 5) unless CRIU >= 4 works and pycriu imports.
 
-    `criu check` costs tens of milliseconds (more on a busy node), so a pass is cached in
-    the state dir under the binary's path, mtime and size and the kernel release: a new
-    CRIU or a new kernel is checked again, a failure is never cached.
+    CRIU's version and a passing `criu check` are learned once per binary and kernel
+    (criu.NodeFacts in the state dir): a new CRIU or a new kernel is checked again, a
+    failure is never cached.
     """
     hint = (
         f"install them with `{install_command()}` ({README_SECTION}; `ccr doctor` says "
@@ -212,16 +197,9 @@ def require_checkpointing(state_dir: Path) -> None:
     if problem is not None:
         raise CriuError(f"cannot checkpoint this step: {problem}; {hint}")
     binary, why = _criu_binary()
-    key = _cache_key(binary) if binary else None
-    if binary is None or key is None:
+    if binary is None or not os.path.exists(binary):
         raise CriuError(f"cannot checkpoint this step: {why or f'no CRIU at {binary}'}; {hint}")
-    cache = state_dir / CACHE_NAME
-    try:
-        if json.loads(cache.read_text()) == key:
-            return
-    except (OSError, ValueError):
-        pass
-    engine = criu_engine.Criu(binary)
+    engine = criu_engine.Criu(binary, facts_file=state_dir / CRIU_FACTS)
     try:
         version = engine.version()
     except CcrError as exc:
@@ -235,9 +213,3 @@ def require_checkpointing(state_dir: Path) -> None:
     works, said = engine.check()
     if not works:
         raise CriuError(f"cannot checkpoint this step: `{binary} check` failed ({said}); {hint}")
-    tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(key))
-        tmp.replace(cache)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # an unwritable cache only costs the next run a check

@@ -8,12 +8,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ccr import config
-from ccr.engines.criu import Criu
 from ccr.locking import exclusive_lock
-from ccr.storage.manifest import ManifestKey
 from ccr.storage.registry import Registry
+
+if TYPE_CHECKING:
+    from ccr.engines.criu import Criu
+
+
+# What CRIU says of itself on this node (version, `criu check`, features), learned once.
+CRIU_FACTS = "criu-facts.json"
 
 
 @dataclass
@@ -30,9 +36,14 @@ class Runtime:
         return Registry.open(self.state_dir)
 
     def criu(self) -> Criu:
-        return Criu(config.criu_binary())
+        # Imported here: read-only commands (list, status) never load CRIU's protobufs.
+        from ccr.engines.criu import Criu
+
+        return Criu(config.criu_binary(), facts_file=self.state_dir / CRIU_FACTS)
 
     def manifest_key(self, create: bool) -> bytes | None:
+        from ccr.storage.manifest import ManifestKey
+
         return ManifestKey(config.key_file(self.state_dir)).load(create)
 
     def work_dir(self, what: str) -> Path:

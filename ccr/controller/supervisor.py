@@ -41,7 +41,7 @@ class SupervisorSettings:
     codec: Codec = field(default_factory=checkpoint.default_codec)
     private_tmp: bool = True  # the step's /tmp is a tmpfs of its own (else the node's /tmp)
     # Checkpoint TCP connections to peers outside the step too (--tcp-established).
-    tcp_established: bool = field(default_factory=checkpoint.tcp_established_default)
+    tcp_established: bool = field(default_factory=config.tcp_established_default)
     # Foreground (`ccr run` on a terminal), as srun: a first Ctrl-C shows the step's state,
     # only a second within CONFIRM_WINDOW seconds is forwarded to it.
     confirm_interrupt: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -89,14 +90,73 @@ def _request(what: str, tcp_established: bool, network_lock: str | None = None) 
     return req
 
 
+class NodeFacts:
+    """What one CRIU binary says of itself on this node (version, `criu check`, features),
+    kept in a small JSON file so that each call of ccr does not run CRIU again to ask.
+
+    `criu --version` and `criu check` cost 10-60 ms each (more on a busy node) and do not
+    change unless the binary or the kernel does: the facts are keyed by the binary's path,
+    mtime, size and the kernel release, and dropped when any of them changes.
+    """
+
+    def __init__(self, path: Path | None, binary: str) -> None:
+        self.path = path
+        self.key = self._key(binary)
+        self._facts: dict[str, Any] | None = None
+
+    @staticmethod
+    def _key(binary: str) -> dict[str, Any] | None:
+        try:
+            st = os.stat(binary)
+        except OSError:
+            return None
+        return {
+            "binary": binary,
+            "mtime_ns": st.st_mtime_ns,
+            "size": st.st_size,
+            "kernel": os.uname().release,
+        }
+
+    def _load(self) -> dict[str, Any]:
+        if self._facts is None:
+            self._facts = {}
+            if self.path is not None and self.key is not None:
+                try:
+                    data = json.loads(self.path.read_text())
+                    if isinstance(data, dict) and data.get("key") == self.key:
+                        self._facts = dict(data.get("facts", {}))
+                except (OSError, ValueError):
+                    pass
+        return self._facts
+
+    def get(self, name: str) -> Any:
+        return self._load().get(name)
+
+    def put(self, name: str, value: Any) -> None:
+        facts = self._load()
+        facts[name] = value
+        if self.path is None or self.key is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"key": self.key, "facts": facts}))
+            tmp.replace(self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # unwritable: the next call only asks CRIU again
+
+
 class Criu:
     """One CRIU binary, driven over RPC; every call runs a fresh `criu swrk`."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, facts_file: Path | None = None) -> None:
         self.binary = binary
+        self.facts = NodeFacts(facts_file, binary)
 
     def version(self) -> str:
-        """CRIU's version string, e.g. '4.2.1'."""
+        """CRIU's version string, e.g. '4.2.1' (learned once per binary on this node)."""
+        cached = self.facts.get("version")
+        if isinstance(cached, str):
+            return cached
         try:
             out = subprocess.run(
                 [self.binary, "--version"], capture_output=True, text=True, timeout=30
@@ -105,18 +165,31 @@ class Criu:
             raise CcrError(f"cannot run CRIU at {self.binary}: {exc}") from None
         for line in out.splitlines():
             if line.startswith("Version:"):
-                return line.split(":", 1)[1].strip()
+                version = line.split(":", 1)[1].strip()
+                self.facts.put("version", version)
+                return version
         raise CcrError(f"cannot read CRIU's version from {self.binary} --version")
 
     def check(self, feature: str | None = None) -> tuple[bool, str]:
-        """`criu check [--feature F]`: (works, what it said)."""
+        """`criu check [--feature F]`: (works, what it said).
+
+        A feature's answer is learned once per binary and kernel; the whole check only
+        when it passes (a failure may be the node's state of the moment, so it is asked again).
+        """
+        key = f"check:{feature or ''}"
+        cached = self.facts.get(key)
+        if isinstance(cached, list) and len(cached) == 2:
+            return bool(cached[0]), str(cached[1])
         cmd = [self.binary, "check"] + (["--feature", feature] if feature else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return False, str(exc)
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "RLIMIT_NOFILE" not in ln]
-        return proc.returncode == 0, (lines[-1] if lines else "")
+        answer = (proc.returncode == 0, (lines[-1] if lines else ""))
+        if answer[0] or feature:
+            self.facts.put(key, list(answer))
+        return answer
 
     def outside_network_lock(self) -> str:
         """The network lock for connections to outside peers: nftables (CRIU's library, no

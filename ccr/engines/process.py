@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from ccr.errors import CcrError
 
 CLONE_NEWNS = 0x00020000
@@ -264,6 +262,8 @@ def _exec_init(
 
 def tree_pids(root: int) -> list[int]:
     """The root and every descendant, root first."""
+    import psutil  # here, not at import: `ccr list` and `ccr status` never need it
+
     try:
         proc = psutil.Process(root)
         return [root] + [p.pid for p in proc.children(recursive=True)]
@@ -273,6 +273,8 @@ def tree_pids(root: int) -> list[int]:
 
 def tree_rss(root: int) -> int:
     """Resident memory of the whole tree, in bytes: what a dump will write, roughly."""
+    import psutil
+
     total = 0
     for pid in tree_pids(root):
         try:
@@ -345,6 +347,8 @@ def restore_leftovers(since: int, helper_exe: str) -> list[int]:
     These are PID-namespace inits (half-restored roots) and helper_exe processes (CRIU's own
     forks, orphaned when CRIU was killed and reparented to us, the subreaper).
     """
+    import psutil
+
     found = []
     helper = os.path.realpath(helper_exe)
     for child in psutil.Process().children():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -145,16 +146,25 @@ class JobRecord:
 class Registry:
     """A connection to the registry database; use as a context manager per operation."""
 
+    # Registry files (path, device, inode) whose schema this process has already checked: a
+    # `ccr create` opens the registry a dozen times, and the schema script, migration and
+    # WAL switch each cost a write transaction; once per process and file is enough.
+    _prepared: set[tuple[str, int, int]] = set()
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
-            self._migrate()
-            path.chmod(0o600)
-        except sqlite3.Error as exc:
+            st = os.stat(path)
+            key = (str(path), st.st_dev, st.st_ino)
+            if key not in Registry._prepared:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+                self._migrate()
+                path.chmod(0o600)
+                Registry._prepared.add(key)
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open job registry {path}: {exc}") from None
 
     def _migrate(self) -> None:
