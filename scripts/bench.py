@@ -287,10 +287,13 @@ class Bench:
             raise RuntimeError(f"criu {args[0]} failed ({proc.returncode}):\n" + "\n".join(tail))
         return took
 
-    def target_argv(self, size: int, kind: str, tag: str) -> tuple[list[str], Path]:
-        script = self.scratch / "target.py"
+    def target_argv(
+        self, size: int, kind: str, tag: str, where: Path | None = None
+    ) -> tuple[list[str], Path]:
+        where = where or self.scratch
+        script = where / "target.py"
         script.write_text(TARGET)
-        output = self.scratch / f"target-{size_label(size)}-{kind}{tag}.out"
+        output = where / f"target-{size_label(size)}-{kind}{tag}.out"
         output.write_text("")
         return [sys.executable, str(script), str(size), kind, str(output)], output
 
@@ -354,7 +357,8 @@ class Bench:
             (self.ccr_home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         job = self.next_job
         self.next_job += 1
-        argv, output = self.target_argv(size, kind, f"-ccr{job}")
+        # In the step's cwd: a ccr step has /dev/shm (the scratch) and /tmp of its own.
+        argv, output = self.target_argv(size, kind, f"-ccr{job}", self.ccr_home / "cwd")
         images = str(self.ccr_home / "images")
         self.ccr(["run", "--detach", "--job-id", str(job), "--checkpoint-dir", images, "--", *argv])
         self.ccr_jobs.append(job)

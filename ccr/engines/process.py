@@ -163,16 +163,41 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     )
 
 
+def unescape_mount_field(field: str) -> str:
+    """A path from /proc/*/mountinfo: space, tab, newline and backslash are octal-escaped."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def _mountpoints_at(top: str) -> list[str]:
     """Mount points at or below top in our mount namespace, shallowest first."""
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
+            point = unescape_mount_field(line.split()[4])
             if point == top or point.startswith(top.rstrip("/") + "/"):
                 found.append(point)
     return sorted(found, key=len)
+
+
+# Mounts of these file systems cannot be dumped by CRIU ("doesn't have a proper root mount"):
+# `ip netns add` leaves an nsfs bind mount per network namespace under /run/netns on many
+# nodes (Slurm's own test cluster here has three), and any one of them in the step's mount
+# namespace made every dump of every step fail.  The step has no use for them.
+UNDUMPABLE_FSTYPES = ("nsfs",)
+
+
+def _mounts_of_type(fstypes: tuple[str, ...]) -> list[str]:
+    """Mount points in our mount namespace whose file system type is one of fstypes."""
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            # After the optional fields, " - " then the file system type.
+            fstype = fields[fields.index("-") + 1] if "-" in fields else ""
+            if fstype in fstypes:
+                found.append(unescape_mount_field(fields[4]))
+    return sorted(found, key=len, reverse=True)
 
 
 def _detach_all(top: str) -> None:
@@ -206,6 +231,8 @@ def _build_world(cwd: Path, outputs: list[Path], private_tmp: bool) -> None:  # 
             if _under(path, TMP) and path != Path(TMP):
                 if not any(_under(path, str(k)) for k, _ in keep):
                     keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    for point in _mounts_of_type(UNDUMPABLE_FSTYPES):
+        _libc.umount2(point.encode(), MNT_DETACH)
     _detach_all(SHM)
     if private_tmp:
         _detach_all(TMP)
@@ -433,7 +460,7 @@ def _read_lines(path: str) -> list[str]:
 def _mount_fields(line: str) -> tuple[str, str]:
     """(major:minor, mount point) of a mountinfo line."""
     parts = line.split()
-    return parts[2], re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), parts[4])
+    return parts[2], unescape_mount_field(parts[4])
 
 
 # /proc/net/tcp states (include/net/tcp_states.h) in which a socket has no peer to restore.
