@@ -26,6 +26,8 @@ from test_step_world_e2e import assert_same_as_uninterrupted, numbered, out_line
 
 from ccr.engines.process import ProcessIdentity
 
+pytestmark = pytest.mark.heavy
+
 RING = r"""
 #include <mpi.h>
 #include <stdio.h>

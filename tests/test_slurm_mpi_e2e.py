@@ -22,7 +22,7 @@ from test_step_world_e2e import assert_same_as_uninterrupted, numbered, out_line
 
 from tests.slurm_cluster import FINAL_STATES, slurm_cluster  # noqa: F401
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.heavy]
 
 STEPS, DELAY = "200", "0.05"
 
