@@ -483,7 +483,7 @@ def _restart(
             Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
         )
         if dist is not None:
-            _emit(_restart_json(ref, dist.mode, **dist.to_dict()), as_json, dist.describe())
+            _emit(_restart_json(ref, **dist.to_dict()), as_json, dist.describe())
             return
         results = _showing_progress(
             lambda: rst.restart(

@@ -60,6 +60,12 @@ def _require_rpc() -> None:
         raise CcrError("pycriu is not installed: run scripts/install-criu.sh")
 
 
+# The largest deleted-but-open file ("ghost") a dump copies into the image; CRIU's default
+# is 1 MiB.  MPI transports (UCX, Open MPI's vader) create their shared memory segments in
+# the step's /dev/shm and unlink them at once: several MiB each, in the step's own tmpfs,
+# so part of its state that must be saved.
+GHOST_LIMIT = 1 << 30
+
 # How CRIU keeps the peers of checkpointed TCP connections quiet while they are dumped.
 NETWORK_LOCKS = ("iptables", "nftables", "skip")
 
@@ -85,6 +91,8 @@ def _request(what: str, tcp_established: bool, network_lock: str | None = None) 
     req.opts.auto_ext_mnt = True
     if network_lock is not None:
         req.opts.network_lock = NETWORK_LOCKS.index(network_lock) + 1  # rpc's enum values
+    if what == "dump":
+        req.opts.ghost_limit = GHOST_LIMIT
     if what == "restore":
         req.opts.root = "/"
     return req
@@ -248,6 +256,7 @@ class Criu:
         CRIU's log (restore.log) goes to work_dir.
         """
         req = _request("restore", tcp_established, network_lock)
+        process.drop_time_wait(tcp_listen_ports(images_dir))
         # The root becomes our child (criu's sibling), so we can wait for its exit status.
         req.opts.rst_sibling = True
         started = time.monotonic()
@@ -467,6 +476,29 @@ def _log_reason(log_file: Path) -> str:
         return ""
     first = errors[0]
     return first.split("): ", 1)[-1].strip() if "): " in first else first.strip()
+
+
+TCP_LISTEN = 10  # include/net/tcp_states.h
+
+
+def tcp_listen_ports(images_dir: Path) -> set[int]:
+    """The local ports of the listening TCP sockets in a (raw) image."""
+    try:
+        from pycriu import images
+    except ImportError:  # pragma: no cover - depends on the installation
+        return set()
+    ports: set[int] = set()
+    for name in ("files.img", "inetsk.img"):  # (inetsk.img: images of CRIU before 3.x)
+        try:
+            with (images_dir / name).open("rb") as fh:
+                entries = images.load(fh)["entries"]
+        except Exception:  # noqa: BLE001 - absent or undecodable: CRIU itself will say
+            continue
+        for entry in entries:
+            isk = entry.get("isk") if name == "files.img" else entry
+            if isk and isk.get("proto") == socket.IPPROTO_TCP and isk.get("state") == TCP_LISTEN:
+                ports.add(int(isk["src_port"]))
+    return ports
 
 
 def read_dump_stats(path: Path) -> DumpStats:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -515,6 +517,34 @@ def tcp_connections(pids: list[int]) -> list[TcpConnection]:
         TcpConnection(local, remote, (remote, local) in sockets)
         for (local, remote) in sorted(sockets)
     ]
+
+
+def drop_time_wait(ports: set[int]) -> None:
+    """Drop the node's TIME_WAIT TCP sockets on these local ports (`ss -K`, SOCK_DESTROY).
+
+    A listener restored by CRIU binds its port again with the program's own SO_REUSEADDR,
+    which most MPI launchers and transports (Open MPI's oob and tcp btl) do not set.  When
+    the tree was killed on this node (not vacated), the connections it had accepted on
+    that port linger in TIME_WAIT for a minute and the bind fails (EADDRINUSE).  Those
+    sockets belong to no process; dropping them only gives up their guard against stray
+    segments of the dead connections.  Without `ss`, or a kernel without SOCK_DESTROY,
+    nothing is done and CRIU reports the bind error.
+    """
+    ss = shutil.which("ss")
+    if not ports or ss is None:
+        return
+    expr = " or ".join(f"sport = :{port}" for port in sorted(ports))
+    try:
+        subprocess.run(
+            [ss, "-K", "-t", "-n", "state", "time-wait", f"( {expr} )"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def _endpoint(hexaddr: str) -> str:
