@@ -24,12 +24,17 @@ NSEC = 1_000_000_000
 
 
 def _load(path: Path) -> dict[str, Any] | None:
+    """An image decoded by pycriu; None if absent or undecodable (then nothing in it is
+    corrected: CRIU restores it as it is, and says so if it cannot)."""
     if not path.is_file():
         return None
     from pycriu import images
 
-    with path.open("rb") as fh:
-        return dict(images.load(fh))
+    try:
+        with path.open("rb") as fh:
+            return dict(images.load(fh))
+    except Exception:  # noqa: BLE001 - a correction never stops a restore CRIU could do
+        return None
 
 
 def _dumps(image: dict[str, Any]) -> bytes:
