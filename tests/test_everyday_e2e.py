@@ -108,7 +108,7 @@ print("DONE", total, flush=True)
 """
 
 # PyTorch: a seeded shuffling DataLoader with 2 worker processes (new ones each epoch),
-# 3 epochs of 12 batches; each line: the batch's number, epoch, index, sum and a running
+# 3 epochs of 16 batches; each line: the batch's number, epoch, index, sum and a running
 # digest of all batches so far.
 DATALOADER = """\
 import sys, time
@@ -118,7 +118,7 @@ delay = float(sys.argv[1])
 torch.manual_seed(1234)
 class Data(Dataset):
     def __len__(self):
-        return 96
+        return 128
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(i)
         return torch.randint(0, 1000, (64,), generator=g) * (i + 1)
@@ -320,7 +320,7 @@ def pymp_dirs(step_path: Path) -> list[Path]:
 def test_dataloader_with_workers_across_epochs(ccr: Ccr, torch_installed: None) -> None:
     prog = ccr.program("loader.py", DATALOADER)
     ref = reference(ccr, 9516, prog)
-    assert len(ref) == 37 and ref[12].split()[1:3] == ["1", "0"], ref[:13]
+    assert len(ref) == 49 and ref[16].split()[1:3] == ["1", "0"], ref[:17]
     step = ccr.detach(PY, str(prog), "0.3", options=("--job-id", "9517"))
     out = ccr.work / f"ccr-{step}.out"
     wait_for(lambda: len(numbered(out)) >= 3, 120, "the first batches")
@@ -331,7 +331,7 @@ def test_dataloader_with_workers_across_epochs(ccr: Ccr, torch_installed: None) 
     assert_same_as_uninterrupted(out, ref)
     nums = numbered(out)
     resumed = next(nums[k] for k in range(1, len(nums)) if nums[k] <= nums[k - 1])
-    assert resumed < 12, f"checkpointed in epoch {resumed // 12}, not 0"  # crossed two
+    assert resumed < 16, f"checkpointed in epoch {resumed // 16}, not 0"  # crossed two
 
 
 @pytest.mark.heavy
