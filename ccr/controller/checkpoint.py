@@ -377,6 +377,7 @@ def _dump_step(
             "pages_scanned": stats.pages_scanned,
             "pages_written": stats.pages_written,
             "dump_wall_time": stats.wall_time,
+            "dump_attempts": stats.attempts,
             "criu_log": str(work / "dump.log"),
         },
         restart_count=job.restart_count,

@@ -16,7 +16,7 @@ from typing import Any
 from ccr import interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
-from ccr.engines import gpu, process
+from ccr.engines import gpu, image_fixes, process
 from ccr.engines.compression import decompress_dir
 from ccr.errors import (
     IntegrityError,
@@ -237,6 +237,33 @@ def prepare_files(image: StepImage) -> None:
             os.close(fd)
 
 
+def correct_images(image: StepImage, raw_dir: Path, scratch: bool, work: Path) -> Path | None:
+    """Put right, before CRIU reads raw_dir, what its restore would get wrong (see
+    engines.image_fixes); say what was done in the restore's work dir.
+
+    scratch: raw_dir is ccr's own decompressed copy, corrected in place.  Otherwise it is
+    the stored checkpoint, never modified: corrections go into a small overlay directory
+    (links to the checkpoint's files), returned for CRIU to read instead; None: no overlay.
+    """
+    notes: list[str] = []
+    m = image.manifest
+    for path in image_fixes.make_socket_dirs(image_fixes.bound_socket_paths(raw_dir), m.uid, m.gid):
+        notes.append(f"created {path} (0700, {m.uid}:{m.gid}) for a bound Unix socket")
+    replaced, fixes = image_fixes.corrected_timerfds(raw_dir)
+    notes += [fix.describe() for fix in fixes]
+    overlay = None
+    if replaced:
+        if scratch:
+            image_fixes.replace_in_place(raw_dir, replaced)
+        else:
+            overlay = scratch_dir(sum(len(d) for d in replaced.values()), work, "overlay")
+            image_fixes.write_overlay(raw_dir, overlay, replaced)
+    if notes:
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (work / "corrections.log").write_text("".join(f"{n}\n" for n in notes))
+    return overlay
+
+
 def restore_into(
     rt: Runtime,
     supervisor: sup.Supervisor,
@@ -256,6 +283,7 @@ def restore_into(
         else image.path
     )
     unpacked = began
+    overlay: Path | None = None
     try:
         if packed:
             # Decompression checks every file's digest and zstd checksum before CRIU
@@ -263,6 +291,9 @@ def restore_into(
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
                 decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)
             unpacked = time.monotonic()
+        overlay = correct_images(image, raw_dir, packed, work)
+        if overlay is not None:
+            raw_dir = overlay
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise MaxWaitExceeded(
@@ -282,6 +313,8 @@ def restore_into(
                 network_lock=image.manifest.network_lock or None,
             )
     finally:
+        if overlay is not None:
+            discard(overlay)
         if packed:
             discard(raw_dir)
     # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the

@@ -45,6 +45,8 @@ class DumpStats:
     pages_scanned: int = 0
     pages_written: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # Dumps tried: more than 1 when CRIU refused a transient state first (TRANSIENT_DUMP).
+    attempts: int = 1
 
 
 @dataclass
@@ -65,6 +67,26 @@ def _require_rpc() -> None:
 # the step's /dev/shm and unlink them at once: several MiB each, in the step's own tmpfs,
 # so part of its state that must be saved.
 GHOST_LIMIT = 1 << 30
+# CRIU's refusals of a state that passes by itself within moments, as its log words them;
+# a dump refused so is tried again (the one place they are matched: transient_reason).
+# A process whose main thread has exited while its others still run (a worker exiting:
+# exit_group reaches its threads one by one) is a zombie with threads until the last ends.
+TRANSIENT_DUMP = (
+    "Zombies with threads are not supported",
+    "Zombie thread not supported",
+)
+# Pauses between tries of a transiently refused dump: some 6 s in all, within the limit.
+DUMP_RETRY_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0)
+
+
+def transient_reason(log_file: Path) -> str | None:
+    """The transient state (TRANSIENT_DUMP) a failed dump's log reports, or None."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return None
+    return next((reason for reason in TRANSIENT_DUMP if reason in text), None)
+
 
 # How CRIU keeps the peers of checkpointed TCP connections quiet while they are dumped.
 NETWORK_LOCKS = ("iptables", "nftables", "skip")
@@ -224,6 +246,11 @@ class Criu:
         "stopped" (SIGSTOP'd, for a caller that kills it only once the image is safe) or
         "killed".  A failed dump always leaves the tree running.  CRIU's log (dump.log) and
         statistics (stats-dump) go to work_dir.
+
+        A dump CRIU refuses for a transient state of the tree (TRANSIENT_DUMP) is tried
+        again after a short pause (DUMP_RETRY_BACKOFF) while the timeout leaves time for
+        it; the tree runs on between tries, and each refused try's log is kept beside
+        dump.log as dump-try-N.log.
         """
         if final_state not in ("running", "stopped", "killed"):
             raise ValueError(final_state)
@@ -232,13 +259,38 @@ class Criu:
         req.opts.leave_running = final_state == "running"
         req.opts.leave_stopped = final_state == "stopped"
         started = time.monotonic()
-        with parasite_scratch(pid, timeout):
-            remaining = (
-                None if timeout is None else max(0.001, timeout - (time.monotonic() - started))
-            )
-            self._call(req, images_dir, work_dir, remaining, hook, "dump", limit_name)
+        before = set(os.listdir(images_dir))
+        attempts = 1
+        while True:
+            try:
+                with parasite_scratch(pid, timeout):
+                    remaining = (
+                        None
+                        if timeout is None
+                        else max(0.001, timeout - (time.monotonic() - started))
+                    )
+                    self._call(req, images_dir, work_dir, remaining, hook, "dump", limit_name)
+                break
+            except CriuError as exc:
+                pause = _retry_pause(exc, attempts, started, timeout)
+                if pause is None:
+                    reason = transient_reason(Path(exc.log_path)) if exc.log_path else None
+                    if reason is None or attempts == 1:
+                        raise
+                    raise CriuError(
+                        f"CRIU dump failed {attempts} times in {time.monotonic() - started:.1f}s:"
+                        f" {reason} (a transient state of the tree that did not pass)",
+                        exc.log_path,
+                    ) from None
+                os.replace(work_dir / "dump.log", work_dir / f"dump-try-{attempts}.log")
+                # What the refused try left in images_dir goes: the next writes afresh.
+                for name in set(os.listdir(images_dir)) - before:
+                    (images_dir / name).unlink(missing_ok=True)
+                time.sleep(pause)
+                attempts += 1
         stats = read_dump_stats(work_dir / "stats-dump")
         stats.wall_time = time.monotonic() - started
+        stats.attempts = attempts
         return stats
 
     def restore(
@@ -435,6 +487,21 @@ def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
             except OSError:
                 pass
         yield
+
+
+def _retry_pause(
+    exc: CriuError, attempts: int, started: float, timeout: float | None
+) -> float | None:
+    """How long to wait before trying a refused dump again; None: do not try again."""
+    if attempts > len(DUMP_RETRY_BACKOFF) or not exc.log_path:
+        return None
+    if transient_reason(Path(exc.log_path)) is None:
+        return None
+    pause = DUMP_RETRY_BACKOFF[attempts - 1]
+    # Only while the limit leaves room for the pause and a dump after it.
+    if timeout is not None and time.monotonic() - started + 2 * pause > timeout:
+        return None
+    return pause
 
 
 def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child
