@@ -251,6 +251,12 @@ def correct_images(image: StepImage, raw_dir: Path, scratch: bool, work: Path) -
         notes.append(f"created {path} (0700, {m.uid}:{m.gid}) for a bound Unix socket")
     replaced, fixes = image_fixes.corrected_timerfds(raw_dir)
     notes += [fix.describe() for fix in fixes]
+    if m.leave_running and m.tcp_established:
+        lifted = image_fixes.lifted_network_lock(raw_dir)
+        replaced.update(lifted)
+        notes += [
+            "inventory.img: network lock marked lifted (its dump left the tree running)"
+        ] * bool(lifted)
     overlay = None
     if replaced:
         if scratch:
@@ -302,7 +308,8 @@ def restore_into(
         # CRIU reports no progress: a spinner names the phase instead of a blank screen.
         # A tree dumped with its TCP connections is restored with them; the supervisor's
         # setting (--tcp-established) covers images of older ccr versions.
-        # The restore lifts the network lock its dump left (a vacate's), so it uses that one.
+        # The restore lifts the network lock its dump left (a vacate's), so it uses that one
+        # (a lock its dump already lifted is marked so in the image: correct_images).
         tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
         with progress.task(f"restoring {image.step} (CRIU)", 0):
             result = criu.restore(

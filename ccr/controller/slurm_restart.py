@@ -72,6 +72,7 @@ def restart_if_distributed(
         for rank in sorted(image.ranks):
             step_image = rst.load_image(rt, image.step_dir / str(rank), full=False)
             rst.check_criu_version(rt, step_image)
+            _check_tcp_between_nodes(image, step_image)
     if not slurm.available():
         raise CcrError(f"{ref} is a multi-node checkpoint: restarting it needs Slurm (srun)")
     nodes = sorted({n for image in images for n in image.ranks.values()}) if stick else []
@@ -86,6 +87,26 @@ def restart_if_distributed(
         raise UsageError(f"{ref} holds several steps ({steps}): restart them one at a time")
     job_id = _submit(rt, ref, images[0], nodes, max_wait)
     return SlurmRestart(ref, job_id, "submitted", [images[0].step_dir], nodes)
+
+
+def _check_tcp_between_nodes(image: slurmctl.DistImage, rank: rst.StepImage) -> None:
+    """Refuse what would come back half: TCP between nodes from a job left running.
+
+    CRIU holds a network lock from a dump until the restore only when the dump stopped the
+    tree (a vacate).  A checkpoint that left the job running lifted its lock at once, so
+    the ranks restored on one node talk to the other node's before those exist, get reset,
+    and die ("Unable to detach ...: No such process", measured on a 2-node MPICH job): one
+    node's ranks would run on alone.  Such a checkpoint is refused up front.
+    """
+    nodes = set(image.ranks.values())
+    m = rank.manifest
+    if len(nodes) > 1 and m.tcp_established and m.leave_running:
+        raise JobStateError(
+            f"{image.step_dir} was taken with the job left running and holds TCP connections "
+            "(--tcp-established) across nodes, which CRIU restores only from a checkpoint "
+            "that stopped the job: restart from a vacate or requeue checkpoint "
+            f"(ccr create --stop {m.job_id}, ccr checkpoint requeue {m.job_id})"
+        )
 
 
 def _check_nodes(ref: JobRef, images: list[slurmctl.DistImage]) -> None:

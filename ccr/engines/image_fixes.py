@@ -98,6 +98,29 @@ def corrected_timerfds(image_dir: Path) -> tuple[dict[str, bytes], list[TimerFix
     return out, fixes
 
 
+# inventory.img's network_lock_method values (CRIU's images/inventory.proto).
+NETWORK_LOCK_SKIP = 3
+
+
+def lifted_network_lock(image_dir: Path) -> dict[str, bytes]:
+    """inventory.img with its network lock marked as already lifted (skip).
+
+    CRIU's restore unlocks with the lock method its dump recorded in the inventory,
+    whatever the restore asks for.  A dump that left the tree running lifted its lock at
+    once, so that second unlock finds no nftables table and fails the whole restore
+    ("Could not process rule: No such file or directory": the 2-node MPI job here).
+    Only for such a dump (the caller's to know); a vacate's lock is still there to lift.
+    """
+    image = _load(image_dir / "inventory.img")
+    if image is None:
+        return {}
+    entry = image["entries"][0]
+    if entry.get("network_lock_method") in (None, NETWORK_LOCK_SKIP):
+        return {}
+    entry["network_lock_method"] = NETWORK_LOCK_SKIP
+    return {"inventory.img": _dumps(image)}
+
+
 def write_overlay(image_dir: Path, overlay: Path, replaced: dict[str, bytes]) -> None:
     """Fill the empty directory overlay with image_dir as CRIU should read it: a symlink to
     each of its files, except those in replaced, written there with their new content."""
