@@ -22,31 +22,46 @@ from conftest import Ccr, wait_for
 
 PY = sys.executable
 
+# Each program pauses between steps (so the test can checkpoint and kill it mid-way) until
+# a file `fast` appears in its cwd: then it finishes at once, and the test need not wait.
+PAUSE = """\
+import os, sys, time
+def pause(seconds):
+    if not os.path.exists("fast"):
+        time.sleep(seconds)
+"""
+
 # A log opened with "w" (O_WRONLY|O_CREAT|O_TRUNC, no O_APPEND), a line per step.
-LOG_W = """\
-import sys, time
-steps, pause = int(sys.argv[2]), float(sys.argv[3])
+LOG_W = (
+    PAUSE
+    + """\
+steps, seconds = int(sys.argv[2]), float(sys.argv[3])
 log = open(sys.argv[1], "w", buffering=1)
 for i in range(steps):
     log.write(f"step {i} of {steps}\\n")
-    time.sleep(pause)
+    pause(seconds)
 log.close()
 """
+)
 
 # A counter on stdout, to be piped through tee.
-COUNTER = """\
-import sys, time
-steps, pause = int(sys.argv[1]), float(sys.argv[2])
+COUNTER = (
+    PAUSE
+    + """\
+steps, seconds = int(sys.argv[1]), float(sys.argv[2])
 for i in range(steps):
     print(f"count {i} {i * i}")
-    time.sleep(pause)
+    pause(seconds)
 """
+)
 
 # SQLite in WAL mode: one transaction per step bumps a counter and logs its new value under
 # a primary key, so a database that did not roll back with the process fails the INSERT.
-SQLITE = """\
-import sqlite3, sys, time
-steps, pause = int(sys.argv[2]), float(sys.argv[3])
+SQLITE = (
+    PAUSE
+    + """\
+import sqlite3
+steps, seconds = int(sys.argv[2]), float(sys.argv[3])
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
 assert db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
 db.execute("CREATE TABLE counter (k INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
@@ -61,15 +76,17 @@ while True:
     print(n, flush=True)
     if n >= steps:
         break
-    time.sleep(pause)
+    pause(seconds)
 db.close()
 """
+)
 
 # A file that only grows: 64 KiB first, then a 1 KiB record per step, written with "wb" (no
 # O_APPEND) at its end; and a second one whose header (offset 0) is rewritten each step.
-GROWING = """\
-import sys, time
-path, steps, pause, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+GROWING = (
+    PAUSE
+    + """\
+path, steps, seconds, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 f = open(path, "wb", buffering=0)
 f.write(b"H" * 16 + bytes(range(256)) * 256)
 for i in range(steps):
@@ -78,9 +95,10 @@ for i in range(steps):
         f.write(f"{i:016d}".encode())
         f.seek(0, 2)
     f.write(f"{i:08d}".encode() * 128)
-    time.sleep(pause)
+    pause(seconds)
 f.close()
 """
+)
 
 
 def json_out(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -137,7 +155,7 @@ def file_checks(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_log_opened_with_w_rolls_back(ccr: Ccr) -> None:
     prog = ccr.program("logw.py", LOG_W)
-    steps = 150
+    steps = 2000
     ref_dir = ccr.work / "ref"
     ref_dir.mkdir()
     reference(ref_dir, [PY, str(prog), "steps.log", str(steps), "0"], ref_dir)
@@ -154,6 +172,7 @@ def test_log_opened_with_w_rolls_back(ccr: Ccr) -> None:
     assert check[str(log)]["ok"] is True
 
     ccr.run("restart", step)
+    (ccr.work / "fast").touch()
     wait_completed(ccr, step)
     expected = (ref_dir / "steps.log").read_text()
     assert log.read_text() == expected
@@ -165,7 +184,7 @@ def test_log_opened_with_w_rolls_back(ccr: Ccr) -> None:
 
 def test_tee_pipeline_rolls_back(ccr: Ccr) -> None:
     prog = ccr.program("counter.py", COUNTER)
-    steps = 150
+    steps = 2000
     ref_dir = ccr.work / "ref"
     ref_dir.mkdir()
     script = f"python3 -u {prog} {steps} $PAUSE | tee steps.log > /dev/null"
@@ -176,6 +195,7 @@ def test_tee_pipeline_rolls_back(ccr: Ccr) -> None:
     result = checkpoint_run_on_kill(ccr, step, lambda: line_count(log), 15)
     at_kill = log.read_text()
     ccr.run("restart", step)
+    (ccr.work / "fast").touch()
     wait_completed(ccr, step)
     assert log.read_text() == (ref_dir / "steps.log").read_text()
     assert Path(f"{log}.ccr-{result['generation']}").read_text() == at_kill
@@ -183,7 +203,7 @@ def test_tee_pipeline_rolls_back(ccr: Ccr) -> None:
 
 def test_sqlite_wal_rolls_back_and_continues(ccr: Ccr) -> None:
     prog = ccr.program("db.py", SQLITE)
-    steps = 120
+    steps = 600
     ref_dir = ccr.work / "ref"
     ref_dir.mkdir()
     reference(ref_dir, [PY, str(prog), "run.db", str(steps), "0"], ref_dir)
@@ -203,6 +223,7 @@ def test_sqlite_wal_rolls_back_and_continues(ccr: Ccr) -> None:
         "run.db-shm",
     }, check
     ccr.run("restart", step)
+    (ccr.work / "fast").touch()
     wait_completed(ccr, step)
     after = printed()[len(before) :]
     # It continues from the count at the checkpoint (not from 0, not from the kill): the
@@ -230,7 +251,7 @@ def big_file_env(ccr: Ccr) -> dict[str, str]:
 def test_large_file_only_appended_is_truncated(ccr: Ccr) -> None:
     prog = ccr.program("grow.py", GROWING)
     logw = ccr.program("logw.py", LOG_W)
-    steps = 120
+    steps = 600
     ref_dir = ccr.work / "ref"
     ref_dir.mkdir()
     reference(ref_dir, [PY, str(prog), "big.bin", str(steps), "0", "append"], ref_dir)
@@ -258,6 +279,7 @@ def test_large_file_only_appended_is_truncated(ccr: Ccr) -> None:
     assert f"{big}: truncate" in text and f"{small}: restore" in text, text
 
     ccr.run("restart", step)
+    (ccr.work / "fast").touch()
     wait_completed(ccr, step)
     assert big.read_bytes() == (ref_dir / "big.bin").read_bytes()
     # What the truncation cut off is kept beside it.
@@ -272,7 +294,7 @@ def test_large_file_rewritten_refuses_restart(ccr: Ccr) -> None:
     env = big_file_env(ccr)
     step = ccr.run(
         "run", "--detach", "--job-id", "9404", "--",
-        PY, str(prog), str(big), "400", "0.02", "rewrite",
+        PY, str(prog), str(big), "2000", "0.02", "rewrite",
         env=env,
     ).stdout.strip()  # fmt: skip
     wait_size(big, 65552 + 10 * 1024, "10 records in the big file")

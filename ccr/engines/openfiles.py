@@ -121,7 +121,15 @@ def written_by(pids: list[int]) -> list[_Open]:
             try:
                 st = os.stat(f"/proc/{pid}/map_files/{parts[0]}")
             except OSError:
-                continue
+                # map_files needs CAP_SYS_ADMIN: else the path, if maps' device and inode
+                # say it is the mapped file.
+                try:
+                    st = os.stat(parts[5])
+                    major, minor = (int(x, 16) for x in parts[3].split(":"))
+                except (OSError, ValueError):
+                    continue
+                if (st.st_dev, st.st_ino) != (os.makedev(major, minor), int(parts[4])):
+                    continue
             if _usable(parts[5], st):
                 _add(found, parts[5], st, "mmap shared")
     visible = []
