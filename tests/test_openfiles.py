@@ -227,3 +227,12 @@ def test_manifests_without_written_files_still_load() -> None:
     again = StepManifest.from_dict({**base, "written_files": [f.__dict__]})
     assert again.written_files == [f]
     assert StepManifest.from_dict(again.to_dict()).written_files == [f]
+
+
+def test_manifest_format_3_only_with_files_to_put_back() -> None:
+    base = StepManifest(1, 0, ["x"], "/", "/o", "h", 0, 0, 1, [1], "4.2.1", 0.0, True)
+    assert base.to_dict()["format"] == 2, "an older ccr still restores it"
+    base.written_files = [WrittenFile("/o", 3, 0o644, 0, 0, APPEND)]
+    assert base.to_dict()["format"] == 2
+    base.written_files.append(WrittenFile("/x", 3, 0o644, 0, 0, UNSAVED, digest="d"))
+    assert base.to_dict()["format"] == 3, "a ccr that cannot put files back refuses it"

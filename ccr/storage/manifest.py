@@ -120,6 +120,8 @@ class StepManifest:
         data = asdict(self)
         data["image_bytes"] = self.image_bytes
         data["stored_bytes"] = self.stored_bytes
+        if self.format == FORMAT and all(f.policy == APPEND for f in self.written_files):
+            data["format"] = 2  # nothing to put back: a ccr that reads format 2 restores it
         return data
 
     @classmethod
