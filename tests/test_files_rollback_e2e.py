@@ -121,10 +121,12 @@ def wait_size(path: Path, size: int, what: str) -> None:
     wait_for(lambda: path.exists() and path.stat().st_size >= size, what=what)
 
 
-def checkpoint_run_on_kill(ccr: Ccr, step: str, grows: Any, more: int) -> dict[str, Any]:
+def checkpoint_run_on_kill(
+    ccr: Ccr, step: str, grows: Any, more: int, *options: str
+) -> dict[str, Any]:
     """Checkpoint step (leave running), wait until grows() is `more` past its value at the
     checkpoint, then kill the tree (cancel); return create's JSON."""
-    result = json_out(ccr.run("create", step, "--json"))
+    result = json_out(ccr.run("create", step, "--json", *options))
     at = grows()
     wait_for(lambda: grows() >= at + more, what="the job to run on after the checkpoint")
     ccr.run("cancel", step)
@@ -192,7 +194,11 @@ def test_tee_pipeline_rolls_back(ccr: Ccr) -> None:
     log = ccr.work / "steps.log"
     step = ccr.detach("bash", "-c", script.replace("$PAUSE", "0.02"), options=("--job-id", "9401"))
     wait_for(lambda: line_count(log) >= 20, what="20 lines from tee")
-    result = checkpoint_run_on_kill(ccr, step, lambda: line_count(log), 15)
+    # Uncompressed this time: the saved copy lies in the checkpoint as it is.
+    result = checkpoint_run_on_kill(ccr, step, lambda: line_count(log), 15, "--compress", "none")
+    [saved] = Path(result["path"]).glob("ccr-file-*")
+    assert saved.read_text() == (ref_dir / "steps.log").read_text()[: len(saved.read_text())]
+    assert saved.stat().st_mode & 0o777 == 0o600
     at_kill = log.read_text()
     ccr.run("restart", step)
     (ccr.work / "fast").touch()

@@ -194,6 +194,22 @@ def test_plan_and_put_back_each_case(tmp_path: Path) -> None:
     assert (work / "changed.log.ccr-7.2").read_bytes() == b"again\n"
 
 
+def test_a_changed_mode_is_restored_or_named(tmp_path: Path) -> None:
+    saved, unsaved = tmp_path / "saved", tmp_path / "unsaved"
+    for path in (saved, unsaved):
+        path.write_bytes(b"x\n")
+        path.chmod(0o640)
+    files = [record(saved, SAVED, tmp_path), record(unsaved, UNSAVED)]
+    for path in (saved, unsaved):
+        path.chmod(0o600)
+    restore, refuse = openfiles.plan(files, 3)
+    assert restore.action == "restore"
+    assert refuse.action == "refuse" and f"chmod 0640 {unsaved}" in refuse.detail
+    openfiles.put_back([restore], tmp_path, 3, "9492.0")
+    assert saved.stat().st_mode & 0o777 == 0o640
+    assert unsaved.stat().st_mode & 0o777 == 0o600, "never chmod'ed by ccr"
+
+
 def test_put_back_refuses_a_corrupted_copy(tmp_path: Path) -> None:
     target = tmp_path / "f.log"
     target.write_bytes(b"checkpoint\n")

@@ -350,7 +350,9 @@ def _plan_one(f: WrittenFile, generation: int) -> FilePlan:
             same_prefix = _prefix_digest(f.path, f.size, f.algorithm) == f.digest
         except OSError as exc:
             return FilePlan(f, REFUSE, f"{f.path}: cannot be read ({exc.strerror})", st.st_size)
-    if same_prefix and st.st_size == f.size:
+    # CRIU checks the mode as well as the size ("File ... has bad mode").
+    mode = stat.S_IMODE(st.st_mode)
+    if same_prefix and st.st_size == f.size and mode == f.mode:
         return FilePlan(f, UNCHANGED, "as at the checkpoint", st.st_size)
     if f.policy == SAVED:
         kept = backup_name(f.path, generation)
@@ -359,6 +361,15 @@ def _plan_one(f: WrittenFile, generation: int) -> FilePlan:
             RESTORE,
             f"from the checkpoint ({_mib(f.size)}); the current version "
             f"({_mib(st.st_size)}) is kept as {kept.name}",
+            st.st_size,
+        )
+    if mode != f.mode:
+        # Not ours to chmod: a file ccr did not create keeps the mode its owner gave it.
+        return FilePlan(
+            f,
+            REFUSE,
+            f"{f.path} has mode {mode:04o}, at the checkpoint it had {f.mode:04o}, which CRIU "
+            f"needs to restore it: chmod {f.mode:04o} {f.path}",
             st.st_size,
         )
     if same_prefix:
