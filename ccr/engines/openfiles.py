@@ -385,11 +385,15 @@ def _plan_one(f: WrittenFile, generation: int) -> FilePlan:
 
 
 def _refusal(f: WrittenFile, what: str) -> str:
-    limit = f.limit or "CCR_SAVE_FILE_MAX"
+    if f.limit == "CCR_SAVE_FILES_TOTAL":
+        why = f"the checkpoint's saved files had reached CCR_SAVE_FILES_TOTAL={f.limit_bytes}"
+        fix = "raise CCR_SAVE_FILES_TOTAL"
+    else:
+        why = f"{f.size} bytes, over CCR_SAVE_FILE_MAX={f.limit_bytes}"
+        fix = f"set CCR_SAVE_FILE_MAX to at least {f.size}"
     return (
-        f"{f.path} {what} and was too large to save in it ({_mib(f.size)}, over "
-        f"{limit}={_mib(f.limit_bytes)}): the job cannot resume beside it; set {limit} above "
-        f"{f.size} bytes so the next checkpoint saves it"
+        f"{f.path} {what}, and the checkpoint could not save it ({why}): the job cannot "
+        f"resume beside it; {fix} so that the next checkpoint saves it"
     )
 
 
