@@ -37,6 +37,7 @@ LOG_W = (
     + """\
 steps, seconds = int(sys.argv[2]), float(sys.argv[3])
 log = open(sys.argv[1], "w", buffering=1)
+held = open("input.txt") if os.path.exists("input.txt") else None  # only read
 for i in range(steps):
     log.write(f"step {i} of {steps}\\n")
     pause(seconds)
@@ -162,6 +163,8 @@ def test_log_opened_with_w_rolls_back(ccr: Ccr) -> None:
     ref_dir.mkdir()
     reference(ref_dir, [PY, str(prog), "steps.log", str(steps), "0"], ref_dir)
     log = ccr.work / "steps.log"
+    held = ccr.work / "input.txt"
+    held.write_text("read only\n")
     step = ccr.detach(PY, str(prog), str(log), str(steps), "0.02", options=("--job-id", "9400"))
     wait_for(lambda: line_count(log) >= 20, what="20 lines in the log")
     log.chmod(0o640)  # a mode of the user's own, which the put-back file must keep
@@ -172,6 +175,15 @@ def test_log_opened_with_w_rolls_back(ccr: Ccr) -> None:
     check = file_checks(check_json(ccr, step))
     assert check[str(log)]["action"] == "restore", check
     assert check[str(log)]["ok"] is True
+
+    # A restore that CRIU then refuses (a file the job only reads changed size) leaves
+    # every file as it found it: the log is put back, then brought back again.
+    held.write_text("read only, and then some\n")
+    failed = ccr.run("restart", step, check=False)
+    assert failed.returncode == 5 and "input.txt has bad size" in failed.stderr, failed.stderr
+    assert log.read_text() == at_kill
+    assert not list(ccr.work.glob("steps.log.ccr-*")) and not list(ccr.work.glob(".steps*"))
+    held.write_text("read only\n")
 
     ccr.run("restart", step)
     (ccr.work / "fast").touch()
