@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ccr.errors import CcrError, StorageError
+from ccr.errors import CcrError, StorageError, UsageError
 
 
 def node_name() -> str:
@@ -77,3 +77,31 @@ def init_binary() -> str:
 def tcp_established_default() -> bool:
     """`CCR_TCP_ESTABLISHED=1`: checkpoint connections to outside the step by default."""
     return os.environ.get("CCR_TCP_ESTABLISHED", "") not in ("", "0", "no", "false")
+
+
+# Files the job writes that a checkpoint saves (README "Files the job writes"): each up to
+# CCR_SAVE_FILE_MAX, all of one step's together up to CCR_SAVE_FILES_TOTAL.  Saved files
+# are copied while the tree is frozen, so these bound what they add to the frozen time.
+SAVE_FILE_MAX = 256 << 20
+SAVE_FILES_TOTAL = 1 << 30
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes from "4096", "64K", "256M", "1G" (binary units, optional "iB"/"B")."""
+    spec = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = spec[-1:] if spec[-1:] in _UNITS and not spec[-1:].isdigit() else ""
+    number = spec[: len(spec) - len(unit)].strip()
+    if not number.isdigit():
+        raise UsageError(f"bad {what} {text!r}: use bytes or a size like 64K, 256M, 1G")
+    return int(number) * _UNITS[unit]
+
+
+def save_limits() -> tuple[int, int]:
+    """(CCR_SAVE_FILE_MAX, CCR_SAVE_FILES_TOTAL) in bytes; 0 saves no file."""
+    each = os.environ.get("CCR_SAVE_FILE_MAX")
+    total = os.environ.get("CCR_SAVE_FILES_TOTAL")
+    return (
+        parse_size(each, "CCR_SAVE_FILE_MAX") if each else SAVE_FILE_MAX,
+        parse_size(total, "CCR_SAVE_FILES_TOTAL") if total else SAVE_FILES_TOTAL,
+    )

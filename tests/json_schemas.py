@@ -36,7 +36,15 @@ STEP_REF = obj({"step": STEP, "job_id": JOB_ID, "step_id": COUNT})
 GENERATION_ENTRY = obj(
     {"path": PATH, "generation": GENERATION, **stamped("created"), "bytes": COUNT}
 )
-CHECK = obj({"check": {"type": "string"}, "ok": {"type": "boolean"}, "detail": {"type": "string"}})
+CHECK = obj(
+    {"check": {"type": "string"}, "ok": {"type": "boolean"}, "detail": {"type": "string"}},
+    {  # a file the job writes (restart --check): what restart does to it
+        "path": PATH,
+        "action": {"enum": ["restore", "unchanged", "truncate", "refuse", "append"]},
+        "size": COUNT,
+        "current_size": {"type": ["integer", "null"], "minimum": 0},
+    },
+)
 
 RUN = obj(
     {

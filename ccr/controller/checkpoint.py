@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ccr import config, interrupts, progress
 from ccr.controller.runtime import Runtime
-from ccr.engines import gpu, process
+from ccr.engines import gpu, openfiles, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
@@ -310,9 +310,16 @@ def _dump_step(
     compressed = opts.codec.name != "none"
     # Compressed: CRIU dumps raw pages into fast scratch space, the job resumes, and only
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
-    estimate = process.tree_rss(step.init_pid)
+    file_max, files_total = config.save_limits()
+    estimate = process.tree_rss(step.init_pid) + openfiles.estimate(pids, files_total)
     raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if compressed else step_dir
     watchdog = dump_watchdog(estimate) if timeout is None else None
+    # The files the tree writes are listed and the small ones copied beside the images
+    # (so they are compressed, digested and signed with them) from CRIU's post-dump
+    # notification: the one moment the whole tree is known to be frozen, images written,
+    # for a leave-running checkpoint as for a vacate.  Listing them before the dump would
+    # race the tree's writes; after it, a running tree has moved on.
+    files = openfiles.Collector(step.init_pid, raw_dir, file_max, files_total)
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
@@ -324,7 +331,13 @@ def _dump_step(
                 timeout=seq.remaining() if watchdog is None else watchdog,
                 tcp_established=tcp,
                 network_lock=lock,
+                hook=files.hook,
                 limit_name="MaxWait" if watchdog is None else "the dump watchdog CCR_DUMP_WATCHDOG",
+            )
+        if not files.collected:
+            raise CcrError(
+                f"CRIU sent no post-dump notification for step {step.id}: "
+                "the files it writes could not be saved"
             )
         if not opts.stop:
             seq.resume()
@@ -385,6 +398,7 @@ def _dump_step(
         tcp_established=tcp,
         network_lock=lock or "",
         world=process.step_world(step.init_pid),
+        written_files=files.files,
     )
     try:
         for path in step_dir.iterdir():

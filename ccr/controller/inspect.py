@@ -6,7 +6,7 @@ import io
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import psutil
 
 from ccr.controller import restart as rst
 from ccr.controller.runtime import Runtime
+from ccr.engines import openfiles
 from ccr.errors import CcrError, NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
 from ccr.storage.imageset import FAST_SCRATCH, checkpoint_step_dirs
@@ -142,9 +143,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # A file the job writes: its path, the action restart takes, its checkpointed size.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, **self.extra}
 
 
 def _ok(fn: Any, *args: Any) -> str:
@@ -223,4 +226,13 @@ def restart_check(
                 )
             )
         checks.append(Check("GPU", not m.gpu, "no GPU state" if not m.gpu else "needs a GPU"))
+        for plan in rst.file_plans(image):
+            checks.append(
+                Check(
+                    f"file {plan.file.path}",
+                    plan.action != openfiles.REFUSE,
+                    plan.describe(),
+                    plan.to_dict(),
+                )
+            )
     return checks

@@ -16,7 +16,7 @@ from typing import Any
 from ccr import interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
-from ccr.engines import gpu, image_fixes, process
+from ccr.engines import gpu, image_fixes, openfiles, process
 from ccr.engines.compression import decompress_dir
 from ccr.errors import (
     IntegrityError,
@@ -207,6 +207,22 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
                 )
     if not Path(m.cwd).is_dir():
         raise StorageError(f"working directory {m.cwd} of step {image.step} no longer exists")
+    openfiles.refuse_if_needed(file_plans(image), str(image.step))
+
+
+def generation_of(path: Path) -> int:
+    """The generation number of a step checkpoint dir (`42.0.ckpt.7`, or `42.ckpt.7/0`);
+    0 for a copy not named like one."""
+    for part in (path.name, path.parent.name):
+        head, _, suffix = part.rpartition(".")
+        if suffix.isdigit() and head.endswith(".ckpt"):
+            return int(suffix)
+    return 0
+
+
+def file_plans(image: StepImage) -> list[openfiles.FilePlan]:
+    """What a restart of image would do to each file the job was writing (changes nothing)."""
+    return openfiles.plan(image.manifest.written_files, generation_of(image.path))
 
 
 def _major(version: str) -> int:
@@ -225,7 +241,11 @@ def check_criu_version(rt: Runtime, image: StepImage) -> None:
 
 
 def prepare_files(image: StepImage) -> None:
-    """Recreate deleted output files, so the restored tree can go on appending to them."""
+    """Recreate deleted output files, so the restored tree can go on appending to them.
+
+    (The files the job itself writes are put back by openfiles.put_back, once the saved
+    copies are unpacked.)
+    """
     for name in (image.manifest.output, image.manifest.error):
         if name is None:
             continue
@@ -290,6 +310,7 @@ def restore_into(
     )
     unpacked = began
     overlay: Path | None = None
+    undo_files: openfiles.Undo | None = None
     try:
         if packed:
             # Decompression checks every file's digest and zstd checksum before CRIU
@@ -305,6 +326,12 @@ def restore_into(
             raise MaxWaitExceeded(
                 f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
             )
+        # Each file the job writes goes back to its state at the checkpoint (so CRIU finds
+        # the size it recorded, and the job the contents it wrote); planned again here, as
+        # files may have changed since preflight looked.
+        undo_files = openfiles.put_back(
+            file_plans(image), raw_dir, generation_of(image.path), str(image.step)
+        )
         # CRIU reports no progress: a spinner names the phase instead of a blank screen.
         # A tree dumped with its TCP connections is restored with them; the supervisor's
         # setting (--tcp-established) covers images of older ccr versions.
@@ -319,6 +346,10 @@ def restore_into(
                 tcp_established=tcp,
                 network_lock=image.manifest.network_lock or None,
             )
+    except BaseException:
+        if undo_files is not None:
+            undo_files()  # a failed restart leaves every file as it found it
+        raise
     finally:
         if overlay is not None:
             discard(overlay)
@@ -351,6 +382,8 @@ def restore_into(
         supervisor.start_restored(result.pid, record)
     except BaseException:
         supervisor.rollback()
+        if undo_files is not None:
+            undo_files()
         raise
     return RestartResult(
         image.step,

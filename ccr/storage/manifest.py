@@ -17,7 +17,9 @@ from ccr.storage.hashing import DEFAULT_ALGORITHM, file_digest
 MANIFEST = "manifest.json"
 JOB_MANIFEST = "job.json"
 # 2: file digests name their algorithm (BLAKE3); format 1 had a SHA-256 per file.
-FORMAT = 2
+# 3: `written_files`, the job's own files that a restart puts back (a ccr reading only up to
+# format 2 would ignore them and could restore a job beside files it never wrote).
+FORMAT = 3
 
 
 @dataclass
@@ -38,6 +40,37 @@ class FileEntry:
             data["digest"] = data.pop("sha256")
             data["algorithm"] = "sha256"
         return cls(**data)
+
+
+# How a restart treats a file the tree was writing (WrittenFile.policy).
+SAVED = "saved"  # a copy is in the checkpoint: put back as it was
+UNSAVED = "unsaved"  # too large to save: truncated back if only written past its size
+APPEND = "append"  # only open O_WRONLY|O_APPEND (like the step's output): left to grow
+
+
+@dataclass
+class WrittenFile:
+    """A regular file the tree had open for writing, or mapped shared, at the checkpoint."""
+
+    path: str
+    size: int  # at the checkpoint (what CRIU's image expects at restore)
+    mode: int
+    uid: int
+    gid: int
+    policy: str  # SAVED, UNSAVED or APPEND
+    digest: str = ""  # of its `size` bytes at the checkpoint (empty for APPEND)
+    algorithm: str = DEFAULT_ALGORITHM
+    copy: str | None = None  # SAVED: its copy's name among the checkpoint's (raw) files
+    # UNSAVED: the setting that kept it out ("CCR_SAVE_FILE_MAX" or "CCR_SAVE_FILES_TOTAL")
+    # and that setting's value at the checkpoint.
+    limit: str = ""
+    limit_bytes: int = 0
+    access: list[str] = field(default_factory=list)  # e.g. ["O_RDWR", "mmap shared"]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WrittenFile:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -72,6 +105,7 @@ class StepManifest:
     # What the step had of its own (process.step_world): mount/IPC namespaces, private /tmp.
     world: dict[str, bool] = field(default_factory=dict)
     error: str | None = None  # stderr's own file (-e), reopened by the restored tree
+    written_files: list[WrittenFile] = field(default_factory=list)
     format: int = FORMAT
 
     @property
@@ -86,6 +120,8 @@ class StepManifest:
         data = asdict(self)
         data["image_bytes"] = self.image_bytes
         data["stored_bytes"] = self.stored_bytes
+        if self.format == FORMAT and all(f.policy == APPEND for f in self.written_files):
+            data["format"] = 2  # nothing to put back: a ccr that reads format 2 restores it
         return data
 
     @classmethod
@@ -93,6 +129,8 @@ class StepManifest:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["files"] = [FileEntry.from_dict(f) for f in data.get("files", [])]
+        # Older manifests (formats 1 and 2) have none: such jobs restart as before.
+        kwargs["written_files"] = [WrittenFile.from_dict(f) for f in data.get("written_files", [])]
         return cls(**kwargs)
 
 
