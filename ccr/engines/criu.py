@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ccr.engines import process
-from ccr.errors import CcrError, CriuError, MaxWaitExceeded
+from ccr.errors import CcrError, CriuError, JobStateError, MaxWaitExceeded
 from ccr.locking import exclusive_lock
 
 PR_SET_PDEATHSIG = 1
@@ -254,6 +255,8 @@ class Criu:
         """
         if final_state not in ("running", "stopped", "killed"):
             raise ValueError(final_state)
+        # Node mounts unmounted since the step started: CRIU cannot find them on the node.
+        process.drop_gone_mounts(pid)
         req = _request("dump", tcp_established, network_lock)
         req.opts.pid = pid
         req.opts.leave_running = final_state == "running"
@@ -309,12 +312,13 @@ class Criu:
         """
         req = _request("restore", tcp_established, network_lock)
         process.drop_time_wait(tcp_listen_ports(images_dir))
+        view = without_gone_mounts(images_dir)
         # The root becomes our child (criu's sibling), so we can wait for its exit status.
         req.opts.rst_sibling = True
         started = time.monotonic()
         since = process.now_ticks()
         try:
-            resp = self._call(req, images_dir, work_dir, timeout, hook, "restore")
+            resp = self._call(req, view, work_dir, timeout, hook, "restore")
         except BaseException:
             # Roll back: no half-restored tree may outlive a failed or abandoned restore.
             for pid in process.restore_leftovers(since, self.binary):
@@ -324,6 +328,8 @@ class Criu:
                 except ChildProcessError:
                     pass
             raise
+        finally:
+            drop_view(view, images_dir)
         return RestoreResult(pid=resp.restore.pid, wall_time=time.monotonic() - started)
 
     def _call(
@@ -543,6 +549,124 @@ def _log_reason(log_file: Path) -> str:
         return ""
     first = errors[0]
     return first.split("): ", 1)[-1].strip() if "): " in first else first.strip()
+
+
+def _load_image(path: Path) -> dict[str, Any] | None:
+    try:
+        from pycriu import images
+
+        with path.open("rb") as fh:
+            return dict(images.load(fh))
+    except Exception:  # noqa: BLE001 - absent or undecodable: CRIU itself will say
+        return None
+
+
+def _node_root_of(path: str, node: list[process.Mount]) -> str | None:
+    """What a node path is within its file system: the root, in the node mount holding it
+    (the last one mounted at the deepest mount point above it), of that path; None if the
+    path does not exist on the node."""
+    if not os.path.lexists(path):
+        return None
+    holder = None
+    for m in node:
+        if path == m.point or path.startswith(m.point.rstrip("/") + "/"):
+            if holder is None or len(m.point) >= len(holder.point):
+                holder = m
+    if holder is None:
+        return None
+    rest = path[len(holder.point) :].lstrip("/")
+    return holder.root.rstrip("/") + "/" + rest if rest else holder.root
+
+
+def without_gone_mounts(images_dir: Path) -> Path:
+    """The image to restore: images_dir itself, or a view of it without the node mounts
+    the step saw at its checkpoint and that this node no longer has.
+
+    CRIU binds each of the step's external mounts (auto_ext_mnt) from its path on the node.
+    One the node has unmounted since the checkpoint would be bound as whatever lies at
+    that path now (the directory beneath, wrongly), or the restore fails when the path is
+    gone too.  Unused by the tree, such a mount is left out of the restored namespace:
+    the step then sees the node's path as it is now, as if the unmount had reached it.
+    Used (a file open in it, the working directory), the restart is refused, naming it.
+    The view is a directory of links to images_dir's files, the mount image rewritten;
+    the caller removes it (drop_view).
+    """
+    names = sorted(p.name for p in images_dir.glob("mountpoints-*.img"))
+    if len(names) != 1:
+        return images_dir  # no mount namespace of its own (or several: left to CRIU)
+    image = _load_image(images_dir / names[0])
+    if image is None:
+        return images_dir
+    entries = image["entries"]
+    node = process.mounts_of("self")
+    gone = []
+    for entry in entries:
+        if not entry.get("ext_key"):
+            continue
+        source = "/" + str(entry.get("source", "")).lstrip("/")
+        if _node_root_of(source, node) != entry.get("root"):
+            gone.append(entry)
+    if not gone:
+        return images_dir
+    children: dict[int, list[dict[str, Any]]] = {}
+    for entry in entries:
+        children.setdefault(int(entry["parent_mnt_id"]), []).append(entry)
+    dropped: set[int] = set()
+    stack = [int(e["mnt_id"]) for e in gone]
+    while stack:
+        mnt = stack.pop()
+        if mnt not in dropped:
+            dropped.add(mnt)
+            stack.extend(int(c["mnt_id"]) for c in children.get(mnt, []))
+    files = _load_image(images_dir / "files.img") or {"entries": []}
+    used = {
+        int(e["reg"]["mnt_id"])
+        for e in files["entries"]
+        if "reg" in e and e["reg"].get("mnt_id", -1) >= 0
+    }
+    busy = [e for e in gone if _subtree(int(e["mnt_id"]), children) & used]
+    if busy:
+        names_ = ", ".join(
+            f"{e['mountpoint']} (the node's {'/' + str(e['source']).lstrip('/')})" for e in busy
+        )
+        raise JobStateError(
+            f"the checkpointed step uses {names_}, no longer mounted on this node; "
+            "mount it again to restart the step"
+        )
+    from pycriu import images
+
+    # Hard links (CRIU opens no image through a symbolic link), beside images_dir so they
+    # are on its file system; a copy where links cannot be made.
+    view = images_dir.parent / f".{images_dir.name}.ccr-view-{os.getpid()}"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(mode=0o700)
+    for item in images_dir.iterdir():
+        if item.name != names[0] and item.is_file():
+            try:
+                os.link(item, view / item.name)
+            except OSError:
+                shutil.copy2(item, view / item.name)
+    image["entries"] = [e for e in entries if int(e["mnt_id"]) not in dropped]
+    fd = os.open(view / names[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        images.dump(image, fh)
+    return view
+
+
+def drop_view(view: Path, images_dir: Path) -> None:
+    """Remove a view made by without_gone_mounts (nothing when it is images_dir)."""
+    if view != images_dir:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _subtree(mnt: int, children: dict[int, list[dict[str, Any]]]) -> set[int]:
+    found, stack = set(), [mnt]
+    while stack:
+        top = stack.pop()
+        if top not in found:
+            found.add(top)
+            stack.extend(int(c["mnt_id"]) for c in children.get(top, []))
+    return found
 
 
 TCP_LISTEN = 10  # include/net/tcp_states.h

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccr.errors import CcrError
+from ccr.errors import CcrError, JobStateError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -28,10 +28,12 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
+O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 # The directory a step gets its own tmpfs at when its /tmp is private (--private-tmp).
 TMP = "/tmp"
@@ -463,6 +465,194 @@ def _mount_fields(line: str) -> tuple[str, str]:
     """(major:minor, mount point) of a mountinfo line."""
     parts = line.split()
     return parts[2], unescape_mount_field(parts[4])
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/*/mountinfo."""
+
+    mnt_id: int
+    parent: int
+    dev: str  # major:minor
+    root: str  # the mount's root within its file system
+    point: str
+    fstype: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.point} ({self.fstype} {self.source})"
+
+
+def mounts_of(pid: int | str) -> list[Mount]:
+    """The mounts of pid's mount namespace, in mountinfo's order."""
+    found = []
+    for line in _read_lines(f"/proc/{pid}/mountinfo"):
+        f = line.split()
+        sep = f.index("-") if "-" in f else len(f)
+        fstype = f[sep + 1] if sep + 1 < len(f) else ""
+        source = unescape_mount_field(f[sep + 2]) if sep + 2 < len(f) else ""
+        root = unescape_mount_field(f[3]).removesuffix("//deleted")
+        point = unescape_mount_field(f[4])
+        found.append(Mount(int(f[0]), int(f[1]), f[2], root, point, fstype, source))
+    return found
+
+
+# Mounts of these file systems CRIU saves with their content and restores as the step's own
+# (as it does the step's /dev/shm and /tmp): one the node has unmounted since the step
+# started stays in the step, as it was, and comes back with it.
+CONTENT_FSTYPES = ("tmpfs",)
+
+
+def gone_mounts(pid: int) -> list[Mount]:
+    """The mounts of the step rooted at pid that the node no longer has, topmost only.
+
+    The step's mount namespace is a private copy of the node's, made at its start: a node
+    mount unmounted since (an NFS automount, a USB stick, /run/user/UID at logout) stays
+    in the step.  CRIU finds each node mount the step sees on the node (auto_ext_mnt: a
+    node mount of the same file system whose root holds the step mount's root) and binds
+    it from there at restore; one it cannot find, it must dump itself, which it cannot for
+    most file systems ("FS mnt ... unsupported", "doesn't have a proper root mount").  The
+    step's own mounts (/proc, /dev/shm, a private /tmp and what lies below) and those of
+    CONTENT_FSTYPES are left out: CRIU saves them.
+    """
+    ours = mounts_of("self")
+    if not ours or _ns(pid, "mnt") in (None, _ns("self", "mnt")):
+        return []
+    theirs = mounts_of(pid)
+    world = step_world(pid)
+    own_tops = ["/proc", SHM] + ([TMP] if world.get("private_tmp") else [])
+    by_id = {m.mnt_id: m for m in theirs}
+
+    def on_node(m: Mount) -> bool:
+        return any(
+            n.dev == m.dev and (m.root == n.root or m.root.startswith(n.root.rstrip("/") + "/"))
+            for n in ours
+        )
+
+    gone = [
+        m
+        for m in theirs
+        if m.point != "/"
+        and not any(_under(Path(m.point), top) for top in own_tops)
+        and m.fstype not in CONTENT_FSTYPES
+        and not on_node(m)
+    ]
+    ids = {m.mnt_id for m in gone}
+    # Topmost only: detaching a mount lazily detaches everything below it too.
+    return [m for m in gone if not _has_ancestor(m, ids, by_id)]
+
+
+def _has_ancestor(m: Mount, ids: set[int], by_id: dict[int, Mount]) -> bool:
+    seen = set()
+    parent = by_id.get(m.parent)
+    while parent is not None and parent.mnt_id not in seen:
+        if parent.mnt_id in ids:
+            return True
+        seen.add(parent.mnt_id)
+        parent = by_id.get(parent.parent)
+    return False
+
+
+def _fd_mnt_id(path: str) -> int | None:
+    """The mount id in an fdinfo file (`mnt_id:` line)."""
+    for line in _read_lines(path):
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    return None
+
+
+def _path_mnt_id(link: str) -> int | None:
+    """The mount id of what a /proc magic link (cwd, root, map_files/...) points at."""
+    try:
+        fd = os.open(link, O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _fd_mnt_id(f"/proc/self/fdinfo/{fd}")
+    finally:
+        os.close(fd)
+
+
+def used_mount_ids(pids: list[int]) -> set[int]:
+    """Mount ids the tree uses: its open files, working and root directories, mapped files."""
+    used: set[int] = set()
+    for pid in pids:
+        for link in ("cwd", "root", "exe"):
+            if (mnt := _path_mnt_id(f"/proc/{pid}/{link}")) is not None:
+                used.add(mnt)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            fds = []
+        for fd in fds:
+            if (mnt := _fd_mnt_id(f"/proc/{pid}/fdinfo/{fd}")) is not None:
+                used.add(mnt)
+        try:
+            maps = os.listdir(f"/proc/{pid}/map_files")
+        except OSError:
+            maps = []
+        for entry in maps:
+            if (mnt := _path_mnt_id(f"/proc/{pid}/map_files/{entry}")) is not None:
+                used.add(mnt)
+    return used
+
+
+def drop_gone_mounts(pid: int) -> list[Mount]:
+    """Before a dump: detach, in the step's mount namespace only, the mounts the node no
+    longer has (gone_mounts) and the tree does not use; return them.
+
+    One the tree uses (a file open in it, its working directory, its output's directory) is
+    refused: CRIU cannot save it, and a restore without it would not be the step's world.
+    """
+    gone = gone_mounts(pid)
+    if not gone:
+        return []
+    theirs = mounts_of(pid)
+    used = used_mount_ids(tree_pids(pid))
+    children: dict[int, list[Mount]] = {}
+    for m in theirs:
+        children.setdefault(m.parent, []).append(m)
+
+    def in_use(m: Mount, depth: int = 0) -> bool:
+        return m.mnt_id in used or (
+            depth < 64 and any(in_use(c, depth + 1) for c in children.get(m.mnt_id, []))
+        )
+
+    busy = [m for m in gone if in_use(m)]
+    if busy:
+        names = ", ".join(m.describe() for m in busy)
+        raise JobStateError(
+            f"the step uses {names}, no longer mounted on this node since the step started; "
+            "CRIU cannot checkpoint a mount it cannot find on the node"
+        )
+    _detach_in(pid, [m.point for m in gone])
+    left = {m.mnt_id for m in mounts_of(pid)}
+    return [m for m in gone if m.mnt_id not in left]
+
+
+def _detach_in(pid: int, points: list[str]) -> None:
+    """Lazily unmount points in pid's mount namespace (a forked child enters it: setns on a
+    mount namespace needs a single-threaded caller)."""
+    try:
+        ns_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked child
+            code = 1
+            try:
+                if _libc.setns(ns_fd, CLONE_NEWNS) == 0:
+                    os.chdir("/")
+                    code = 0
+                    for point in points:
+                        if _libc.umount2(point.encode(), MNT_DETACH) != 0:
+                            code = 2
+            finally:
+                os._exit(code)
+        os.waitpid(child, 0)
+    finally:
+        os.close(ns_fd)
 
 
 # /proc/net/tcp states (include/net/tcp_states.h) in which a socket has no peer to restore.
