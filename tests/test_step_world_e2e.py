@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -376,3 +377,29 @@ def test_dump_watchdog_ends_a_dump_without_maxwait(ccr: Ccr) -> None:
     count = len(numbered(out))
     wait_for(lambda: len(numbered(out)) > count + 3, 30, "the step to go on")
     ccr.run("create", step)  # the default bound is ample
+
+
+def test_software_under_the_nodes_tmp_stays_reachable(ccr: Ccr, tmp_path: Path) -> None:
+    # A checkout and its venv under /tmp (as a CI clone may be): the step's private /tmp
+    # must not hide the program it runs, nor what PATH names (they stay the node's).
+    tool = Path(f"/tmp/ccr-world-tool-{uuid.uuid4().hex[:8]}")
+    (tool / "bin").mkdir(parents=True)
+    try:
+        script = tool / "bin" / "counter-tool"
+        script.write_text("#!/bin/sh\ni=0\nwhile :; do echo $i; i=$((i+1)); sleep 0.05; done\n")
+        script.chmod(0o755)
+        env = dict(ccr.env, PATH=f"{tool / 'bin'}:{ccr.env.get('PATH', '/usr/bin:/bin')}")
+        step = ccr.run(
+            "run", "--detach", "--job-id", "9391", "--", "counter-tool", env=env
+        ).stdout.strip()
+        out = ccr.work / f"ccr-{step}.out"
+        wait_for(lambda: len(out_lines(out)) > 3, 30, "output")
+        ccr.run("create", step, "--stop")
+        wait_for(lambda: ccr.step(step)["state"] == "vacated", 30, "the vacate")
+        seen = len(out_lines(out))
+        ccr.run("restart", step)
+        wait_for(lambda: len(out_lines(out)) > seen + 3, 30, "restored output")
+        assert out_lines(out)[seen] == str(int(out_lines(out)[seen - 1]) + 1)
+        ccr.run("cancel", step)
+    finally:
+        shutil.rmtree(tool, ignore_errors=True)

@@ -218,7 +218,54 @@ def _under(path: Path, top: str) -> bool:
     return path == Path(top) or Path(top) in path.parents
 
 
-def _build_world(cwd: Path, outputs: list[Path], private_tmp: bool) -> None:  # pragma: no cover
+# Environment variables whose entries name software a step loads (programs, Python
+# packages, shared libraries): under a private /tmp they must stay the node's.
+SOFTWARE_PATH_VARS = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX")
+
+
+def node_tmp_paths(
+    cwd: Path, outputs: list[Path], argv: list[str], env: dict[str, str], init: str
+) -> list[Path]:
+    """The node's paths under /tmp that a step with a private /tmp must still see.
+
+    Its working directory and the directories of its output files, as they are; and the
+    software it runs: the init, the command (and any argument naming an existing path under
+    /tmp, `python3 /tmp/x/train.py`), and what PATH, PYTHONPATH, LD_LIBRARY_PATH,
+    VIRTUAL_ENV and CONDA_PREFIX name.  A program or library comes with its neighbours (a
+    venv's interpreter needs its lib/, a checkout its packages), so for those the whole
+    top-level entry of /tmp holding it is kept (`/tmp/ci-clone` for
+    `/tmp/ci-clone/.venv/bin/python`).  Measured: a checkout and venv under /tmp made every
+    step fail to start (`could not start step: ...: No such file or directory`).
+    Returns the smallest set: no path inside another one kept.
+    """
+    top = Path(TMP)
+    exact = {cwd, *(out.parent for out in outputs)}
+    software: set[Path] = set()
+    candidates = [init, *argv]
+    command = argv[0] if argv else ""
+    if command and "/" not in command:
+        found = shutil.which(command, path=env.get("PATH", os.defpath))
+        candidates.append(found or "")
+    for var in SOFTWARE_PATH_VARS:
+        candidates += env.get(var, "").split(":")
+    for text in candidates:
+        if not text or (not text.startswith("/") and not text.startswith(".")):
+            continue
+        path = Path(os.path.normpath(cwd / text))
+        for where in {path, Path(os.path.realpath(path))}:
+            if _under(where, TMP) and where != top and os.path.lexists(where):
+                software.add(top / where.relative_to(top).parts[0])
+    wanted = {p for p in exact if _under(p, TMP) and p != top} | software
+    kept: list[Path] = []
+    for path in sorted(wanted, key=lambda p: len(p.parts)):
+        if not any(_under(path, str(k)) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _build_world(
+    cwd: Path, outputs: list[Path], private_tmp: bool, node_tmp: list[Path]
+) -> None:  # pragma: no cover
     """Give the step, PID 1 of its PID namespace, its own /proc, /dev/shm, /tmp (and IPC).
 
     Runs in the step's fresh mount namespace, before exec.  The node's mounts under /proc,
@@ -230,11 +277,11 @@ def _build_world(cwd: Path, outputs: list[Path], private_tmp: bool) -> None:  # 
     """
     keep: list[tuple[Path, int]] = []
     if private_tmp:
-        dirs = {cwd.resolve(), *(out.resolve().parent for out in outputs)}
-        for path in sorted(dirs, key=lambda p: len(p.parts)):
-            if _under(path, TMP) and path != Path(TMP):
-                if not any(_under(path, str(k)) for k, _ in keep):
-                    keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+        for path in node_tmp:  # see node_tmp_paths
+            try:
+                keep.append((path, os.open(path, os.O_PATH)))
+            except OSError:
+                continue  # gone since: nothing to keep
     for point in _mounts_of_type(UNDUMPABLE_FSTYPES):
         _libc.umount2(point.encode(), MNT_DETACH)
     _detach_all(SHM)
@@ -249,7 +296,11 @@ def _build_world(cwd: Path, outputs: list[Path], private_tmp: bool) -> None:  # 
     if private_tmp:
         _mount("tmpfs", TMP, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         for path, fd in keep:
-            path.mkdir(parents=True, exist_ok=True)
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                path.mkdir(parents=True, exist_ok=True)
+            else:  # a file (a script under /tmp): bound onto an empty file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             _mount(f"/proc/self/fd/{fd}", str(path), None, MS_BIND)
             os.close(fd)
 
@@ -267,7 +318,11 @@ def _exec_init(
         os.setsid()
         output, error = files
         try:
-            _build_world(cwd, [output] + ([error] if error else []), private_tmp)
+            outputs = [output] + ([error] if error else [])
+            node_tmp = node_tmp_paths(
+                cwd.resolve(), [o.resolve() for o in outputs], argv, env, init
+            )
+            _build_world(cwd, outputs, private_tmp, node_tmp)
         except OSError as exc:
             os.write(w, f"cannot set up the step's mounts: {exc}".encode())
             os._exit(127)
