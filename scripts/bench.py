@@ -894,6 +894,17 @@ def cli_bench(bench: Bench, reps: int) -> str:
     return "\n".join(rows) + "\n"
 
 
+def clean_up(bench: Bench, *dirs: Path) -> None:
+    """Cancel ccr's jobs, kill every process this run started (by PID), remove dirs."""
+    try:
+        bench.cancel_ccr_jobs()
+    finally:
+        bench.kill_all()
+        reap_zombies()
+        for directory in dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="256M,1G,4G", help="payload sizes (default %(default)s)")
@@ -956,13 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             table = cli_bench(bench, args.reps if args.reps != 3 else 10)
         finally:
-            try:
-                bench.cancel_ccr_jobs()
-            finally:
-                bench.kill_all()
-                reap_zombies()
-            shutil.rmtree(args.scratch, ignore_errors=True)
-            shutil.rmtree(args.storage, ignore_errors=True)
+            clean_up(bench, args.scratch, args.storage)
         header = (
             f"ccr CLI per-call cost, {time.strftime('%Y-%m-%d %H:%M')}, median of "
             f"{args.reps if args.reps != 3 else 10}; kernel {platform.release()}, "
@@ -986,13 +991,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench, size, kind, variants, args.reps, cli
                 )
     finally:
-        try:
-            bench.cancel_ccr_jobs()
-        finally:
-            bench.kill_all()
-            reap_zombies()
-        shutil.rmtree(args.scratch, ignore_errors=True)
-        shutil.rmtree(args.storage, ignore_errors=True)
+        clean_up(bench, args.scratch, args.storage)
     table = render(results, clis, environment(bench, args.reps))
     table += f"\nRun time {time.monotonic() - began:.0f} s.\n"
     print(table)

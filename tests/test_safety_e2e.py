@@ -9,20 +9,13 @@ import stat
 import subprocess
 from pathlib import Path
 
-from conftest import COUNTER, Ccr, numbers, wait_for
+from conftest import Ccr, numbers, wait_for
 from test_core_e2e import assert_cli_error
+from test_users_e2e import started
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def started(ccr: Ccr, job: int, *options: str) -> Path:
-    ccr.program("counter.py", COUNTER)
-    ccr.detach("python3", "counter.py", options=("--job-id", str(job), *options))
-    out = ccr.work / f"ccr-{job}.0.out"
-    wait_for(lambda: len(numbers(out)) > 3, 30, "output")
-    return out
 
 
 def test_existing_directories_keep_mode_and_owner(ccr: Ccr) -> None:

@@ -635,20 +635,14 @@ def used_mount_ids(pids: list[int]) -> set[int]:
         for link in ("cwd", "root", "exe"):
             if (mnt := _path_mnt_id(f"/proc/{pid}/{link}")) is not None:
                 used.add(mnt)
-        try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
-        except OSError:
-            fds = []
-        for fd in fds:
-            if (mnt := _fd_mnt_id(f"/proc/{pid}/fdinfo/{fd}")) is not None:
-                used.add(mnt)
-        try:
-            maps = os.listdir(f"/proc/{pid}/map_files")
-        except OSError:
-            maps = []
-        for entry in maps:
-            if (mnt := _path_mnt_id(f"/proc/{pid}/map_files/{entry}")) is not None:
-                used.add(mnt)
+        for table, mnt_id in (("fdinfo", _fd_mnt_id), ("map_files", _path_mnt_id)):
+            try:
+                entries = os.listdir(f"/proc/{pid}/{table}")
+            except OSError:
+                entries = []
+            for entry in entries:
+                if (mnt := mnt_id(f"/proc/{pid}/{table}/{entry}")) is not None:
+                    used.add(mnt)
     return used
 
 
