@@ -70,6 +70,32 @@ def criu_working(ccr: Ccr, parent: int | None = None) -> bool:
     return False
 
 
+def slow_criu(work: Path) -> Path:
+    """A CRIU that waits 3 s before serving a restore (`criu swrk`), then is the real one."""
+    from ccr import config
+
+    wrapper = work / "slow-criu"
+    wrapper.write_text(
+        f'#!/bin/sh\ncase " $* " in *" swrk "*) sleep 3;; esac\nexec {config.criu_binary()} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def restore_waiting(ccr: Ccr, wrapper: Path) -> bool:
+    """This test's ccr runs the slow CRIU's `swrk` (the restore's CRIU, not yet exec'd)."""
+    marker = f"CCR_STATE_DIR={ccr.state_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if str(wrapper).encode() in cmdline and b"swrk" in cmdline:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -81,12 +107,17 @@ def test_interrupted_restart_is_rolled_back(ccr: Ccr, moment: str) -> None:
     ccr.run("create", "9101.0", "--stop")
     wait_for(lambda: ccr.step("9101.0")["state"] == "vacated", 30, "vacate")
     wait_for(lambda: not processes_with_state_dir(ccr), 30, "the vacated tree to go")
-    proc = ccr.popen("restart", "9101")
     seen: list[Path] = []
     if moment == "unpack":
+        proc = ccr.popen("restart", "9101")
         seen = wait_for(lambda: our_scratch(ccr, "restore"), 60, "the images to be unpacked")
     else:
-        wait_for(lambda: criu_working(ccr), 60, "CRIU to restore")
+        # CRIU restores a GiB in well under a second, less than a poll can be sure to see
+        # on a busy node: the CRIU this restart drives takes 3 s to start its restore, so
+        # the interrupt lands while ccr waits on CRIU, as it would in a long restore.
+        slow = slow_criu(ccr.work)
+        proc = ccr.popen("restart", "9101", env=dict(ccr.env, CCR_CRIU=str(slow)))
+        wait_for(lambda: restore_waiting(ccr, slow), 60, "CRIU to restore")
         seen = our_scratch(ccr, "restore")
     proc.send_signal(signal.SIGINT)
     code, err = finish(proc)
