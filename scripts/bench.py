@@ -78,6 +78,7 @@ from ccr.engines.compression import (  # noqa: E402 - after the sys.path fix-up 
     decompress_file,
 )
 from ccr.engines.criu import read_dump_stats  # noqa: E402
+from ccr.engines.process import reap_exited_children  # noqa: E402
 from ccr.storage.imageset import fsync_tree  # noqa: E402 - ccr's own: fsync, then drop from cache
 from ccr.storage.manifest import FileEntry  # noqa: E402
 
@@ -440,13 +441,7 @@ def reap(proc: psutil.Process) -> None:
 
 def reap_zombies() -> None:
     """Collect children that ended (ccr's supervisors, re-parented to us as subreaper)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    reap_exited_children()
 
 
 def wait_ready(output: Path, alive: Callable[[], bool]) -> None:

@@ -39,6 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ccr.engines.criu import log_reason  # noqa: E402 - after the sys.path fix-up above
+from ccr.engines.process import reap_exited_children  # noqa: E402
+
 SAFE_LIST = REPO / "scripts" / "zdtm-safe.txt"
 SRC_CACHE = Path(os.environ.get("CCR_CRIU_SRC", "/var/cache/ccr/criu-src"))
 BUILD_ROOT = Path(os.environ.get("CCR_ZDTM_DIR", "/var/cache/ccr/zdtm"))
@@ -175,18 +180,6 @@ def become_subreaper() -> None:
         raise SystemExit("zdtm: cannot become a child subreaper")
 
 
-def reap() -> None:
-    """Reap every exited child.  Safe only while no subprocess of ours runs (all are run
-    to completion, one at a time), or it would take a subprocess's exit status."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def wait_file(path: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -201,7 +194,7 @@ def wait_file(path: Path, timeout: float) -> str:
 
 
 def alive(pid: int) -> bool:
-    reap()
+    reap_exited_children()
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -250,17 +243,6 @@ def stop_and_check(static: Path, test: str, pid: int, timeout: float) -> str:
     return f"no PASS ({tail[:160]})" if tail else "no PASS"
 
 
-def first_error(log_file: Path) -> str:
-    try:
-        lines = log_file.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
-    if not errors:
-        return ""
-    return errors[0].split("): ", 1)[-1].strip()[:200]
-
-
 def run_plain(static: Path, test: str, work: Path) -> str:
     d = desc(static, test)
     timeout = float(d.get("timeout") or 30)
@@ -295,7 +277,7 @@ def run_plain(static: Path, test: str, work: Path) -> str:
     if dump.returncode != 0:
         kill_hard(pid)
         wait_gone(pid, 10)
-        return f"dump: {first_error(images / 'dump.log') or dump.returncode}"
+        return f"dump: {log_reason(images / 'dump.log')[:200] or dump.returncode}"
     if not wait_gone(pid, timeout):
         kill_hard(pid)
         return "dumped test did not die"
@@ -316,7 +298,7 @@ def run_plain(static: Path, test: str, work: Path) -> str:
         timeout=120,
     )
     if restore.returncode != 0:
-        return f"restore: {first_error(images / 'restore.log') or restore.returncode}"
+        return f"restore: {log_reason(images / 'restore.log')[:200] or restore.returncode}"
     return stop_and_check(static, test, int(wait_file(pidfile, 10)), timeout)
 
 

@@ -414,7 +414,7 @@ class Criu:
             _kill(proc)
         if not resp.success:
             detail = resp.cr_errmsg or (os.strerror(resp.cr_errno) if resp.cr_errno else "")
-            reason = _log_reason(log_file) or detail or "unknown error"
+            reason = log_reason(log_file) or detail or "unknown error"
             raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
         return resp
 
@@ -445,7 +445,7 @@ class Criu:
             buf = b""  # criu died mid-answer (connection reset): its log says why
         if not buf:
             proc.wait()
-            reason = _log_reason(log_file) or f"criu exited with status {proc.returncode}"
+            reason = log_reason(log_file) or f"criu exited with status {proc.returncode}"
             raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
         resp = rpc.criu_resp()
         resp.ParseFromString(buf)
@@ -535,7 +535,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _log_reason(log_file: Path) -> str:
+def log_reason(log_file: Path) -> str:
     """The first real error of a CRIU log: the cause; later ones are its consequences.
 
     CRIU logs a harmless RLIMIT_NOFILE error on every run here, so that one is skipped.

@@ -469,17 +469,10 @@ def _restore(f: WrittenFile, copies: Path, generation: int) -> Undo:
             while chunk := os.read(src, _CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
+                _write_all(out, chunk)
             if size != f.size or digest.hexdigest() != f.digest:
                 raise IntegrityError(f"checkpoint file {source} (of {f.path}) is corrupted")
-            try:
-                os.fchown(out, f.uid, f.gid)
-            except PermissionError:
-                pass  # not root: the file stays ours, which is whose it was
-            os.fchmod(out, f.mode)
-            os.fsync(out)
+            _seal(out, f.uid, f.gid, f.mode)
         finally:
             os.close(out)
     except BaseException:
@@ -515,6 +508,22 @@ def _restore(f: WrittenFile, copies: Path, generation: int) -> Undo:
     return undo
 
 
+def _write_all(fd: int, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _seal(fd: int, uid: int, gid: int, mode: int) -> None:
+    """Give a file ccr wrote back its owner and mode, then make it durable."""
+    try:
+        os.fchown(fd, uid, gid)
+    except PermissionError:
+        pass  # not root: the file stays ours, which is whose it was
+    os.fchmod(fd, mode)
+    os.fsync(fd)
+
+
 def _copy_range(src: Path, dst: Path, offset: int) -> None:
     """Copy src from offset to its end into a new dst with src's mode and owner, fsync'd."""
     st = os.stat(src)
@@ -524,15 +533,8 @@ def _copy_range(src: Path, dst: Path, offset: int) -> None:
         try:
             while chunk := os.pread(fd_in, _CHUNK, offset):
                 offset += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd_out, view) :]
-            try:
-                os.fchown(fd_out, st.st_uid, st.st_gid)
-            except PermissionError:
-                pass
-            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
-            os.fsync(fd_out)
+                _write_all(fd_out, chunk)
+            _seal(fd_out, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
         finally:
             os.close(fd_out)
     except BaseException:

@@ -346,6 +346,22 @@ def _exec_init(
         os._exit(127)
 
 
+def reap_exited_children() -> None:
+    """Collect every child that has exited, without waiting for one that runs.
+
+    For a subreaper (test harnesses, the benchmark): orphans re-parented to it stay zombies
+    holding their PIDs until collected.  Only safe while no subprocess of the caller is
+    still to be waited for, or its exit status is taken here.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def tree_pids(root: int) -> list[int]:
     """The root and every descendant, root first."""
     import psutil  # here, not at import: `ccr list` and `ccr status` never need it
