@@ -18,8 +18,8 @@ from typing import IO, BinaryIO, cast
 import zstandard
 
 from ccr.errors import IntegrityError, StorageError, UsageError
-from ccr.storage.hashing import DEFAULT_ALGORITHM, ThreadedDigest
-from ccr.storage.manifest import FileEntry
+from ccr.storage.hashing import DEFAULT_ALGORITHM, ThreadedDigest, digest_of
+from ccr.storage.manifest import FRAME_BYTES, FileEntry
 
 # Level 1 with threads=-1 (perf-baselines.md §3, scripts/bench.py): on training-like pages it
 # compresses at ~700 MB/s on 2 cores; levels 3 and 9 stored no less (4 GiB: 2.34x at level 1,
@@ -38,7 +38,7 @@ SMALL_FILE = 64 * 1024
 # decodes a frame on one thread (~1.3 GB/s here), so one frame per file capped restores at
 # that.  8 MiB frames cost <1% of ratio at level 1 (1 GiB realistic pages: 467.8 vs 464.8 MB)
 # and keep what is in flight small: (workers + 1) frames, raw and compressed.
-FRAME_SIZE = 8 << 20
+FRAME_SIZE = FRAME_BYTES
 # Frames stating more (or no) content size are decoded as a stream, not in memory: files
 # written before ccr cut frames (one frame per file), or by other zstd tools.
 _MAX_FRAME = 64 << 20
@@ -95,7 +95,7 @@ def compress_file(src: Path, dst: Path, level: int) -> tuple[int, str]:
     writing.  On failure dst is removed and StorageError raised.
     """
     with _frame_buffers_reused():
-        _, size, digest = _compress(src, dst, level, None)
+        _, size, digest, _ = _compress(src, dst, level, None)
     return size, digest
 
 
@@ -142,11 +142,18 @@ def compress_dir(
         taken.add(name)
         if packed:
             with _frame_buffers_reused():
-                raw_size, size, digest = _compress(path, dst_dir / name, codec.level, report)
-            entries.append(FileEntry(name, size, digest, raw_size=raw_size, codec="zstd"))
+                raw_size, size, digest, frames = _compress(
+                    path, dst_dir / name, codec.level, report
+                )
+            entries.append(
+                FileEntry(name, size, digest, raw_size=raw_size, codec="zstd", frames=frames)
+            )
         else:
-            size, digest = _copy(path, dst_dir / name, None, report)
-            entries.append(FileEntry(name, size, digest, raw_size=size, codec="none"))
+            frames = []
+            size, digest = _copy(path, dst_dir / name, None, report, frames)
+            entries.append(
+                FileEntry(name, size, digest, raw_size=size, frames=frames, frame_bytes=FRAME_BYTES)
+            )
     _fsync_dir(dst_dir)
     return entries
 
@@ -217,29 +224,215 @@ def decompress_dir(
         raise
 
 
+def read_verified(src: Path, entry: FileEntry) -> Iterator[bytes]:
+    """The raw bytes of the stored file src, in order and in pieces, checked against entry.
+
+    For restores that hand the bytes on as they come (a stream to CRIU): nothing is
+    written anywhere, and at most WORKERS + 1 frames (raw and stored) are in memory.
+    Format 4 (entry.frames): each frame's digest is checked before any of its bytes are
+    yielded, so no unverified byte ever leaves.  Older entries have only the whole file's
+    digest: it is checked after the last piece, so a caller must hold back the effect of
+    what it was given until the iteration ended (framed_entry tells which kind it is).
+    A mismatch, a corrupted or a truncated file raises IntegrityError naming src.
+    """
+    ifh = _open_source(src, stored=True)
+    with ifh:
+        try:
+            if entry.codec == "zstd":
+                yield from _read_zstd(ifh, src, entry)
+            elif entry.codec == "none":
+                yield from _read_raw(ifh, src, entry)
+            else:
+                raise IntegrityError(f"checkpoint file {src} has unknown codec {entry.codec!r}")
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"compressed checkpoint file {src} is corrupted ({exc})") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {src}: {exc.strerror or exc}") from None
+
+
+def framed_entry(entry: FileEntry) -> bool:
+    """Whether read_verified checks entry's bytes before it yields them (format 4)."""
+    return bool(entry.frames)
+
+
+def _frame_mismatch(src: Path, index: int, offset: int) -> IntegrityError:
+    return IntegrityError(
+        f"checkpoint file {src} is corrupted (checksum mismatch in frame {index}, "
+        f"at stored byte {offset})"
+    )
+
+
+def _read_raw(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]:
+    """read_verified of an uncompressed file: pieces hashed on workers, a few ahead."""
+    piece = entry.frame_bytes or FRAME_SIZE
+    framed = framed_entry(entry)
+    whole = None if framed else ThreadedDigest(entry.algorithm)
+    size = count = 0
+    try:
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-verify") as pool:
+            pending: deque[tuple[Future[str] | None, bytes, int, int]] = deque()
+
+            def checked() -> bytes:
+                future, chunk, index, at = pending.popleft()
+                if future is not None and (
+                    index >= len(entry.frames) or future.result() != entry.frames[index]
+                ):
+                    raise _frame_mismatch(src, index, at)
+                return chunk
+
+            while True:
+                chunk = ifh.read(piece)
+                if not chunk and count:
+                    break
+                future = None
+                if framed:
+                    future = pool.submit(digest_of, chunk, entry.algorithm)
+                elif whole is not None:
+                    whole.update(chunk)
+                pending.append((future, chunk, count, size))
+                size += len(chunk)
+                count += 1
+                while len(pending) > WORKERS:
+                    yield checked()
+                if not chunk:  # an empty file: its one (empty) piece
+                    break
+            while pending:
+                yield checked()
+    finally:
+        if whole is not None:
+            whole.close()
+    problem = None
+    if whole is not None:
+        problem = _mismatch(src, entry, size, whole.hexdigest())
+    elif size != entry.size or count != len(entry.frames):
+        problem = f"checkpoint file {src} is {size} bytes, manifest says {entry.size} (truncated?)"
+    if problem is not None:
+        raise IntegrityError(problem)
+
+
+def _read_zstd(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]:
+    """read_verified of a zstd file: frames checked and decoded on workers, in order."""
+    framed = framed_entry(entry)
+    source = _WalkingReader(ifh, None if framed else entry.algorithm)
+    walker = source.walker
+    local = threading.local()
+
+    def unpack(frame: bytes, index: int, at: int, size: int) -> bytes:
+        if framed and (index >= len(entry.frames) or digest_of(frame) != entry.frames[index]):
+            raise _frame_mismatch(src, index, at)
+        dctx = getattr(local, "dctx", None)
+        if dctx is None:
+            dctx = local.dctx = zstandard.ZstdDecompressor()
+        data = cast(bytes, dctx.decompress(frame))
+        if len(data) != size:
+            raise zstandard.ZstdError(f"frame {index} is not {size} bytes")
+        return data
+
+    parts: list[bytes] = []
+    raw = index = 0
+    start = 0  # stored offset of the frame being collected
+    yielded = False
+    try:
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-unzstd") as pool:
+            pending: deque[Future[bytes]] = deque()
+            while not walker.bad and (chunk := source.read(_CHUNK)):
+                base = source.size - len(chunk)
+                cut = 0
+                for end, size in walker.take_ended():
+                    parts.append(chunk[cut : end - base])
+                    cut = end - base
+                    frame = b"".join(parts)
+                    parts.clear()
+                    at, start = start, base + cut
+                    if size is None:  # a skippable frame: nothing to decode
+                        continue
+                    pending.append(pool.submit(unpack, frame, index, at, size))
+                    index += 1
+                    raw += size
+                    while len(pending) > WORKERS:
+                        yielded = True
+                        yield pending.popleft().result()
+                parts.append(chunk[cut:])
+                if walker.unsized:
+                    break
+            if walker.unsized:
+                for future in pending:
+                    future.cancel()
+                pending.clear()
+            while pending:
+                yielded = True
+                yield pending.popleft().result()
+        if walker.unsized:
+            # A file of one unsized (or huge) frame, from before ccr cut frames: one stream.
+            if framed or yielded:
+                raise IntegrityError(
+                    f"compressed checkpoint file {src} is corrupted (a frame without its size)"
+                )
+            source.close()
+            ifh.seek(0)
+            source = _WalkingReader(ifh, entry.algorithm)
+            walker = source.walker
+            raw = 0
+            for data in zstandard.ZstdDecompressor().read_to_iter(
+                _io(source), read_size=_CHUNK, write_size=_CHUNK
+            ):
+                raw += len(data)
+                yield data
+        digest = source.hexdigest()
+    finally:
+        source.close()
+    problem = None
+    if walker.bad:
+        problem = f"compressed checkpoint file {src} is corrupted (bad zstd frame structure)"
+    if problem is None and framed and index != len(entry.frames):
+        problem = (
+            f"compressed checkpoint file {src} is corrupted ({index} frames, "
+            f"manifest says {len(entry.frames)})"
+        )
+    if problem is None and digest is not None:
+        problem = _mismatch(src, entry, source.size, digest)
+    if problem is None and source.size != entry.size:
+        problem = _mismatch(src, entry, source.size, entry.digest)
+    if problem is None and not walker.complete:
+        problem = f"compressed checkpoint file {src} is truncated (zstd frame incomplete)"
+    if problem is None and raw != entry.raw_size:
+        problem = (
+            f"checkpoint file {src} unpacks to {raw} bytes, manifest says "
+            f"{entry.raw_size} (corrupted)"
+        )
+    if problem is not None:
+        raise IntegrityError(problem)
+
+
 # --- internals -----------------------------------------------------------------------------
 
 
-def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tuple[int, int, str]:
-    """(raw size, compressed size, digest of the compressed bytes) of src compressed to dst.
+def _compress(
+    src: Path, dst: Path, level: int, report: Progress | None
+) -> tuple[int, int, str, list[str]]:
+    """(raw size, compressed size, digest of the compressed bytes, digest of each frame) of
+    src compressed to dst.
 
     This thread reads FRAME_SIZE pieces and writes (and hashes) their frames in order; the
-    workers compress a piece each, at most WORKERS + 1 pieces being in flight.
+    workers compress a piece each and digest its frame, at most WORKERS + 1 pieces being in
+    flight.
     """
     local = threading.local()
 
-    def pack(piece: memoryview) -> bytes:
+    def pack(piece: memoryview) -> tuple[bytes, str]:
         cctx = getattr(local, "cctx", None)
         if cctx is None:  # a compression context is not thread-safe: one per worker
             cctx = local.cctx = zstandard.ZstdCompressor(
                 level=level, write_checksum=True, write_content_size=True
             )
-        return cast(bytes, cctx.compress(piece))
+        frame = cast(bytes, cctx.compress(piece))
+        return frame, digest_of(frame)
 
     # Pieces are read into a few reused buffers: a fresh 8 MiB object per piece would cost
     # page faults (and, on a VM, memory the host must hand back) for every frame.
     spare = [bytearray(FRAME_SIZE) for _ in range(WORKERS + 1)]
     raw = 0
+    frames: list[str] = []
     try:
         with src.open("rb", buffering=0) as ifh:
             fd = _create(dst)
@@ -248,7 +441,7 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
                     HashingWriter(fd) as sink,
                     ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-zstd") as pool,
                 ):
-                    pending: deque[tuple[Future[bytes], bytearray, int]] = deque()
+                    pending: deque[tuple[Future[tuple[bytes, str]], bytearray, int]] = deque()
                     try:
                         while True:
                             buf = spare.pop()
@@ -262,7 +455,9 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
                             last = size < FRAME_SIZE
                             while pending and (len(pending) > WORKERS or last):
                                 future, done, n = pending.popleft()
-                                sink.write(future.result())
+                                frame, frame_digest = future.result()
+                                sink.write(frame)
+                                frames.append(frame_digest)
                                 spare.append(done)
                                 if report is not None and n:
                                     report(n)
@@ -284,7 +479,7 @@ def _compress(src: Path, dst: Path, level: int, report: Progress | None) -> tupl
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    return raw, sink.size, digest
+    return raw, sink.size, digest, frames
 
 
 def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress | None) -> int:
@@ -402,12 +597,17 @@ def _unpack_stream(source: _WalkingReader, fd: int, report: Progress | None) -> 
 
 
 def _copy(
-    src: Path, dst: Path, expect: FileEntry | None, report: Progress | None
+    src: Path,
+    dst: Path,
+    expect: FileEntry | None,
+    report: Progress | None,
+    frames: list[str] | None = None,
 ) -> tuple[int, str]:
     """Copy src to dst (0600): (size, digest).
 
     Without expect (storing) dst is fsync'd; with expect (unpacking a stored file) size and
-    digest are checked against it instead.
+    digest are checked against it instead.  frames, if given, gets the digest of each
+    FRAME_SIZE piece (format 4).
     """
     size = 0
     ifh = _open_source(src, stored=expect is not None)
@@ -415,7 +615,9 @@ def _copy(
         with ifh, ThreadedDigest(expect.algorithm if expect else DEFAULT_ALGORITHM) as digest:
             fd = _create(dst)
             try:
-                while chunk := ifh.read(_CHUNK):
+                while chunk := ifh.read(FRAME_SIZE):
+                    if frames is not None:
+                        frames.append(digest_of(chunk))
                     digest.update(chunk)
                     _write_all(fd, memoryview(chunk))
                     size += len(chunk)
@@ -426,6 +628,8 @@ def _copy(
             finally:
                 os.close(fd)
             hexdigest = digest.hexdigest()
+            if frames is not None and not frames:
+                frames.append(digest_of(b""))
     except OSError as exc:
         dst.unlink(missing_ok=True)
         raise StorageError(f"cannot copy {src} to {dst}: {exc.strerror or exc}") from None

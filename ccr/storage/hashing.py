@@ -82,6 +82,30 @@ class ThreadedDigest:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def digest_of(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    """The hex digest of one buffer (a frame), on the calling thread."""
+    h = new_hash(algorithm)
+    h.update(data)
+    return h.hexdigest()
+
+
+def file_digests(
+    path: Path, algorithm: str = DEFAULT_ALGORITHM, piece: int = 8 << 20
+) -> tuple[str, list[str]]:
+    """The digest of a file's bytes and, from the same read, that of each `piece` bytes.
+
+    The pieces' digests cost a second hash of every byte (BLAKE3: ~0.15 s per GiB on one
+    core here), not a second read; they let a restart check what it hands CRIU as it goes.
+    """
+    frames: list[str] = []
+    with path.open("rb", buffering=0) as fh, ThreadedDigest(algorithm) as digest:
+        while chunk := fh.read(piece):
+            digest.update(chunk)
+            frames.append(digest_of(chunk, algorithm))
+        whole = digest.hexdigest()
+    return whole, frames or [digest_of(b"", algorithm)]
+
+
 def file_digest(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
     """The hex digest of a file's bytes (hashing overlaps the reads)."""
     with path.open("rb", buffering=0) as fh, ThreadedDigest(algorithm) as digest:

@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from ccr.errors import IntegrityError, StorageError
-from ccr.storage.hashing import DEFAULT_ALGORITHM, file_digest
+from ccr.storage.hashing import DEFAULT_ALGORITHM, file_digest, file_digests
 
 MANIFEST = "manifest.json"
 JOB_MANIFEST = "job.json"
 # 2: file digests name their algorithm (BLAKE3); format 1 had a SHA-256 per file.
 # 3: `written_files`, the job's own files that a restart puts back (a ccr reading only up to
 # format 2 would ignore them and could restore a job beside files it never wrote).
-FORMAT = 3
+# 4: `frames`, a digest per stored frame of each file, so a restart checks each frame as it
+# hands it to CRIU (one read of the images, nothing unverified reaches the tree).
+FORMAT = 4
+# Uncompressed files are digested in pieces of this many bytes (compression.FRAME_SIZE).
+FRAME_BYTES = 8 << 20
 
 
 @dataclass
@@ -32,6 +36,11 @@ class FileEntry:
     raw_size: int = 0
     codec: str = "none"
     algorithm: str = DEFAULT_ALGORITHM
+    # Format 4: the digest (algorithm) of each stored frame, in order: a zstd file's frames
+    # as they lie in it; an uncompressed file's pieces of frame_bytes bytes.  Empty in older
+    # manifests: then only the whole file's digest, checked once it was all read.
+    frames: list[str] = field(default_factory=list)
+    frame_bytes: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileEntry:
@@ -120,8 +129,17 @@ class StepManifest:
         data = asdict(self)
         data["image_bytes"] = self.image_bytes
         data["stored_bytes"] = self.stored_bytes
-        if self.format == FORMAT and all(f.policy == APPEND for f in self.written_files):
-            data["format"] = 2  # nothing to put back: a ccr that reads format 2 restores it
+        if self.format == FORMAT:
+            # The oldest format that says all of it, so an older ccr restores what it can.
+            if any(f.frames for f in self.files):
+                data["format"] = 4
+            elif any(f.policy != APPEND for f in self.written_files):
+                data["format"] = 3
+            else:
+                data["format"] = 2  # nothing to put back: a ccr that reads format 2 restores it
+            if data["format"] < 4:
+                for entry in data["files"]:
+                    del entry["frames"], entry["frame_bytes"]
         return data
 
     @classmethod
@@ -162,7 +180,10 @@ def describe_files(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list
         if path.name in skip or not path.is_file():
             continue
         size = path.stat().st_size
-        entries.append(FileEntry(path.name, size, file_digest(path), raw_size=size))
+        whole, frames = file_digests(path, piece=FRAME_BYTES)
+        entries.append(
+            FileEntry(path.name, size, whole, raw_size=size, frames=frames, frame_bytes=FRAME_BYTES)
+        )
     return entries
 
 
@@ -253,11 +274,13 @@ def load_step_manifest(directory: Path, key: bytes | None) -> StepManifest:
         raise IntegrityError(f"malformed manifest {directory / MANIFEST}: {exc}") from None
 
 
-def verify_files(directory: Path, manifest: StepManifest, hash_packed: bool = True) -> None:
+def verify_files(
+    directory: Path, manifest: StepManifest, hash_packed: bool = True, hash_raw: bool = True
+) -> None:
     """Check every file the manifest lists (size, then digest); raise naming the first bad one.
 
-    hash_packed=False skips the digest of compressed files, for callers that decompress
-    them next and check it in that same read pass.
+    hash_packed=False skips the digest of compressed files, hash_raw=False that of the
+    others, for callers that read them next and check it in that same read pass.
     """
     listed = {f.name for f in manifest.files}
     for entry in manifest.files:
@@ -270,7 +293,7 @@ def verify_files(directory: Path, manifest: StepManifest, hash_packed: bool = Tr
             raise IntegrityError(
                 f"checkpoint file {path} is {size} bytes, manifest says {entry.size} (truncated?)"
             )
-        if (hash_packed or entry.codec == "none") and file_digest(
+        if (hash_packed if entry.codec != "none" else hash_raw) and file_digest(
             path, entry.algorithm
         ) != entry.digest:
             raise IntegrityError(f"checkpoint file {path} is corrupted (checksum mismatch)")
