@@ -105,3 +105,10 @@ def save_limits() -> tuple[int, int]:
         parse_size(each, "CCR_SAVE_FILE_MAX") if each else SAVE_FILE_MAX,
         parse_size(total, "CCR_SAVE_FILES_TOTAL") if total else SAVE_FILES_TOTAL,
     )
+
+
+def restore_streamed() -> bool:
+    """Restores stream the images to CRIU (engines.imagestream) unless CCR_RESTORE_STREAM=0,
+    which restores from a decoded scratch copy over RPC as ccr did before (kept for
+    comparison in scripts/bench.py, and as a way out should a CRIU build lack --stream)."""
+    return os.environ.get("CCR_RESTORE_STREAM", "") not in ("0", "no", "false")

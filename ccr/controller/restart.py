@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ccr import interrupts, progress
+from ccr import config, interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
-from ccr.engines import gpu, image_fixes, openfiles, process
-from ccr.engines.compression import decompress_dir
+from ccr.engines import criu as criu_engine
+from ccr.engines import gpu, image_fixes, imagestream, openfiles, process
+from ccr.engines.compression import SUFFIX, decompress_dir
 from ccr.errors import (
     IntegrityError,
     JobStateError,
@@ -40,6 +42,7 @@ from ccr.storage.imageset import (
 from ccr.storage.manifest import (
     JOB_MANIFEST,
     MANIFEST,
+    FileEntry,
     JobManifest,
     StepManifest,
     load_step_manifest,
@@ -70,8 +73,20 @@ class RestartResult:
     supervisor_pid: int
     checkpoint: Path
     restore_time: float
-    # Of restore_time, the part spent decompressing (and verifying) the stored images.
+    # The phases of restore_time (`ccr restart --json`, scripts/bench.py):
+    # unpack_time: decoding or copying images before CRIU started (streamed: CRIU's small
+    # metadata files only; from a scratch copy: every file, verifying them on the way).
     unpack_time: float = 0.0
+    # verify_time: what the tree's start waited for digests alone (streamed: the gate's
+    # wait at post-restore; uncompressed from the stored files: hashing them first).
+    verify_time: float = 0.0
+    criu_time: float = 0.0  # CRIU's run (streamed: it reads through ccr's decoding)
+    # resume_time: from the restore's start until the tree runs (GPU state included).
+    resume_time: float = 0.0
+    fill_time: float | None = None  # lazy restores only: until every page is in
+    # The most memory the restore used beyond the restored tree's own (see ExtraMemory).
+    peak_extra_bytes: int = 0
+    streamed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         gen = self.checkpoint.parent if self.checkpoint.name.isdigit() else self.checkpoint
@@ -86,7 +101,32 @@ class RestartResult:
             "checkpoint": str(self.checkpoint),
             "restore_time": round(self.restore_time, 4),
             "unpack_time": round(self.unpack_time, 4),
+            "verify_time": round(self.verify_time, 4),
+            "criu_time": round(self.criu_time, 4),
+            "resume_time": round(self.resume_time, 4),
+            "fill_time": None if self.fill_time is None else round(self.fill_time, 4),
+            "peak_extra_bytes": self.peak_extra_bytes,
+            "streamed": self.streamed,
         }
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any], step: StepId, path: Path) -> RestartResult:
+        """The result a restoring supervisor reported (to_dict's fields)."""
+        fill = message.get("fill_time")
+        return cls(
+            step,
+            int(message["pid"]),
+            int(message["supervisor_pid"]),
+            path,
+            float(message["restore_time"]),
+            float(message.get("unpack_time", 0.0)),
+            float(message.get("verify_time", 0.0)),
+            float(message.get("criu_time", 0.0)),
+            float(message.get("resume_time", message["restore_time"])),
+            None if fill is None else float(fill),
+            int(message.get("peak_extra_bytes", 0)),
+            bool(message.get("streamed", False)),
+        )
 
 
 def default_image_dir(rt: Runtime, job_id: int) -> Path:
@@ -165,11 +205,12 @@ def _created(manifest: Path) -> float:
 def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
     """Authenticate the manifest and check every file; raise naming what is wrong.
 
-    full=False leaves the hashes of compressed files to the decompression that follows.
+    full=False checks only sizes: the restore that follows (restore_into) checks every
+    digest in the pass that reads the files for CRIU.
     """
     key = rt.manifest_key(create=False)
     manifest = load_step_manifest(path, key)
-    verify_files(path, manifest, hash_packed=full)
+    verify_files(path, manifest, hash_packed=full, hash_raw=full)
     parent = path.parent
     if (parent / JOB_MANIFEST).exists():
         JobManifest.from_dict(read_verified(parent / JOB_MANIFEST, key))
@@ -290,35 +331,71 @@ def correct_images(image: StepImage, raw_dir: Path, scratch: bool, work: Path) -
     return overlay
 
 
+# Images CRIU reads but ccr's own image fixes never do: streamed from the stored files.
+# The pages are the bulk (the process's memory), the others the step's tmpfs contents and
+# deleted files it kept open; everything else (metadata, KBs) is decoded into scratch first.
+_STREAMED = re.compile(r"^(pages-\d+|tmpfs-dev-\d+\.tar\.gz|ghost-file-\d+)\.img$")
+
+
+def _raw_name(entry: FileEntry) -> str:
+    return entry.name[: -len(SUFFIX)] if entry.codec == "zstd" else entry.name
+
+
 def restore_into(
     rt: Runtime,
     supervisor: sup.Supervisor,
     image: StepImage,
     max_wait: float | None,
 ) -> RestartResult:
-    """Restore image as a child of this process and hand it to supervisor."""
+    """Restore image as a child of this process and hand it to supervisor.
+
+    By default CRIU reads the pages through ccr (engines.imagestream): decoded and checked
+    frame by frame in one pass, no copy of the image anywhere.  CCR_RESTORE_STREAM=0
+    decodes (and checks) everything into scratch space first, then restores over RPC.
+    """
     prepare_files(image)
     criu = rt.criu()
     work = rt.work_dir(f"{image.step}-restore")
     began = time.monotonic()
     deadline = None if max_wait is None else began + max_wait
-    packed = any(f.codec != "none" for f in image.manifest.files)
+    streamed = config.restore_streamed()
+    saved = {f.copy for f in image.manifest.written_files if f.copy}
+    files = image.manifest.files
+    if streamed:
+        bulk = [f for f in files if _STREAMED.match(_raw_name(f)) and _raw_name(f) not in saved]
+    else:
+        bulk = []
+    rest = [f for f in files if f not in bulk]
+    packed = any(f.codec != "none" for f in files)
+    memory = imagestream.ExtraMemory()
+    # ccr's own copy: the metadata when streaming, every file of a compressed image when not.
+    copy = streamed or packed
     raw_dir = (
-        scratch_dir(image.manifest.image_bytes, image.path.parent, "restore")
-        if packed
+        scratch_dir(sum(f.raw_size or f.size for f in rest), image.path.parent, "restore")
+        if copy
         else image.path
     )
-    unpacked = began
+    memory.watch(raw_dir)
+    unpack_time = verify_time = criu_time = 0.0
     overlay: Path | None = None
     undo_files: openfiles.Undo | None = None
     try:
-        if packed:
-            # Decompression checks every file's digest and zstd checksum before CRIU
-            # sees a byte: a corrupted image restores nothing.
+        unpack_began = time.monotonic()
+        if copy:
+            # Every file's digest (and zstd checksum) is checked as it is decoded: a
+            # corrupted image restores nothing.
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
-                decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)
-            unpacked = time.monotonic()
-        overlay = correct_images(image, raw_dir, packed, work)
+
+                def unpacked(done: int) -> None:
+                    update(done)
+                    memory.sample(0)
+
+                decompress_dir(image.path, raw_dir, rest, progress=unpacked)
+            unpack_time = time.monotonic() - unpack_began
+        else:
+            verify_files(image.path, image.manifest)  # the one read before CRIU's
+            verify_time = time.monotonic() - unpack_began
+        overlay = correct_images(image, raw_dir, copy, work)
         if overlay is not None:
             raw_dir = overlay
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -339,13 +416,22 @@ def restore_into(
         # (a lock its dump already lifted is marked so in the image: correct_images).
         tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
         with progress.task(f"restoring {image.step} (CRIU)", 0):
-            result = criu.restore(
-                raw_dir,
-                work,
-                timeout=remaining,
-                tcp_established=tcp,
-                network_lock=image.manifest.network_lock or None,
-            )
+            criu_began = time.monotonic()
+            if streamed:
+                pid, verify_time = _restore_streamed(
+                    criu.binary, image, raw_dir, bulk, work, remaining, tcp, memory
+                )
+            else:
+                pid = criu.restore(
+                    raw_dir,
+                    work,
+                    timeout=remaining,
+                    tcp_established=tcp,
+                    network_lock=image.manifest.network_lock or None,
+                ).pid
+                # The tree's memory is now in; a scratch copy still is too.
+                memory.sample(image.manifest.image_bytes)
+            criu_time = time.monotonic() - criu_began
     except BaseException:
         if undo_files is not None:
             undo_files()  # a failed restart leaves every file as it found it
@@ -353,15 +439,15 @@ def restore_into(
     finally:
         if overlay is not None:
             discard(overlay)
-        if packed:
+        if copy:
             discard(raw_dir)
     # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the
     # supervisor owns it kills it, so no half-restored step outlives this call.
-    supervisor.adopt(result.pid)
+    supervisor.adopt(pid)
     try:
         if gpu.needs_gpu(image.manifest.gpu):
             # Without its GPU memory the job is not restored.
-            gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
+            gpu.restore_tree(image.manifest.gpu, process.tree_pids(pid), deadline=deadline)
         with rt.registry() as db:
             db.ensure_job(image.step.job_id, str(series_dir(image.path)))
             existing = db.find_step(image.step)
@@ -379,7 +465,8 @@ def restore_into(
             supervisor_pid=None,
             started=time.time(),
         )
-        supervisor.start_restored(result.pid, record)
+        resumed = time.monotonic() - began
+        supervisor.start_restored(pid, record)
     except BaseException:
         supervisor.rollback()
         if undo_files is not None:
@@ -387,12 +474,53 @@ def restore_into(
         raise
     return RestartResult(
         image.step,
-        result.pid,
+        pid,
         os.getpid(),
         image.path,
         time.monotonic() - began,
-        unpacked - began,
+        unpack_time=unpack_time,
+        verify_time=verify_time,
+        criu_time=criu_time,
+        resume_time=resumed,
+        peak_extra_bytes=memory.peak,
+        streamed=streamed,
     )
+
+
+def _restore_streamed(
+    binary: str,
+    image: StepImage,
+    raw_dir: Path,
+    bulk: list[FileEntry],
+    work: Path,
+    timeout: float | None,
+    tcp: bool,
+    memory: imagestream.ExtraMemory,
+) -> tuple[int, float]:
+    """`criu restore --stream`: the metadata from raw_dir (verified), the bulk straight
+    from the stored files; (the root's PID, seconds the tree waited at the gate)."""
+    process.drop_time_wait(criu_engine.tcp_listen_ports(raw_dir))
+    view = criu_engine.without_gone_mounts(raw_dir)
+    sock_dir = scratch_dir(0, image.path.parent, "stream")
+    try:
+        sources = {p.name: imagestream.Source(p) for p in view.iterdir() if p.is_file()}
+        for entry in bulk:
+            sources[_raw_name(entry)] = imagestream.Source(image.path / entry.name, entry)
+        done = imagestream.restore(
+            binary,
+            sources,
+            sock_dir,
+            work,
+            timeout=timeout,
+            tcp_established=tcp,
+            network_lock=image.manifest.network_lock or None,
+            on_sample=memory.sample,
+        )
+    finally:
+        criu_engine.drop_view(view, raw_dir)
+        discard(sock_dir)
+    memory.sample(done.stats.sent_bytes)
+    return done.pid, done.stats.gate_wait
 
 
 def restart(
@@ -509,16 +637,7 @@ def restart_images(
                 str(image.step),
                 functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
             )
-            results.append(
-                RestartResult(
-                    image.step,
-                    int(message["pid"]),
-                    int(message["supervisor_pid"]),
-                    image.path,
-                    float(message["restore_time"]),
-                    float(message.get("unpack_time", 0.0)),
-                )
-            )
+            results.append(RestartResult.from_message(message, image.step, image.path))
     except interrupts.Interrupted as exc:
         exc.lines = _interrupted_lines(images, results, exc.started)
         raise

@@ -93,8 +93,8 @@ def transient_reason(log_file: Path) -> str | None:
 NETWORK_LOCKS = ("iptables", "nftables", "skip")
 
 
-def _request(what: str, tcp_established: bool, network_lock: str | None = None) -> Any:
-    """A dump or restore request with every option ccr sets on both (the one place for them).
+def _options(what: str, tcp_established: bool, network_lock: str | None = None) -> dict[str, Any]:
+    """Every option ccr sets on a dump or restore (the one place for them), by RPC name.
 
     Each step has its own mount namespace (see process.spawn_step), which CRIU dumps and
     restores with the tree.  The step's own mounts (its /proc and its tmpfs at /dev/shm and
@@ -106,19 +106,45 @@ def _request(what: str, tcp_established: bool, network_lock: str | None = None) 
     network_lock (one of NETWORK_LOCKS; None: CRIU's default, iptables) matters only with
     tcp_established, and must be the same for a dump and its restore.
     """
+    opts: dict[str, Any] = {
+        "file_locks": True,
+        "tcp_established": tcp_established,
+        "auto_ext_mnt": True,
+    }
+    if network_lock is not None:
+        opts["network_lock"] = network_lock
+    if what == "dump":
+        opts["ghost_limit"] = GHOST_LIMIT
+    if what == "restore":
+        opts["root"] = "/"
+    return opts
+
+
+def _request(what: str, tcp_established: bool, network_lock: str | None = None) -> Any:
+    """A dump or restore request over RPC with _options."""
     _require_rpc()
     req = rpc.criu_req()
     req.type = rpc.DUMP if what == "dump" else rpc.RESTORE
-    req.opts.file_locks = True
-    req.opts.tcp_established = tcp_established
-    req.opts.auto_ext_mnt = True
-    if network_lock is not None:
-        req.opts.network_lock = NETWORK_LOCKS.index(network_lock) + 1  # rpc's enum values
-    if what == "dump":
-        req.opts.ghost_limit = GHOST_LIMIT
-    if what == "restore":
-        req.opts.root = "/"
+    for name, value in _options(what, tcp_established, network_lock).items():
+        if name == "network_lock":
+            value = NETWORK_LOCKS.index(value) + 1  # rpc's enum values
+        setattr(req.opts, name, value)
     return req
+
+
+def command_line_options(what: str, tcp_established: bool, network_lock: str | None) -> list[str]:
+    """_options as `criu dump|restore` command-line flags (for what RPC cannot do: --stream)."""
+    flags: list[str] = []
+    for name, value in _options(what, tcp_established, network_lock).items():
+        if value is False:
+            continue
+        if name == "auto_ext_mnt":
+            flags += ["--ext-mount-map", "auto"]
+        elif name in ("network_lock", "root", "ghost_limit"):
+            flags += ["--" + name.replace("_", "-"), str(value)]
+        else:
+            flags.append("--" + name.replace("_", "-"))
+    return flags
 
 
 class NodeFacts:

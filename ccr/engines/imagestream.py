@@ -1,0 +1,488 @@
+"""Restore through CRIU's image-streamer protocol: ccr serves every image file to `criu
+restore --stream` through a pipe, decoding and verifying the stored files in that one pass.
+
+Why (figures in docs/benchmarks.md): restoring a compressed checkpoint from a decoded
+scratch copy needed RAM (tmpfs) or disk for the whole image besides the process, and an
+uncompressed one was read twice (once to hash it, once by CRIU).  Streamed, the extra
+memory is the frames in flight (WORKERS + 1, 8 MiB raw each, plus pipe buffers), whatever
+the image size, and every byte is read once.
+
+The protocol (criu/img-streamer.c): CRIU connects to `streamer-serve.sock` in its -D
+directory; for each image it sends a request (u32 length, protobuf `filename`), reads
+the reply (u32 length, protobuf `exists`) and, if it exists, sends the write end of a
+fresh pipe (SCM_RIGHTS, one dummy byte), from which it then reads the file sequentially.
+RPC refuses --stream (criu/cr-service.c), so CRIU runs from its command line, with the
+options engines.criu keeps in one place.
+
+Safety: format-4 files have a digest per frame, checked before the frame's bytes enter the
+pipe; older files only a whole-file digest, known after their last byte was sent.  So the
+tree may not run before every file CRIU read is verified: an action script holds CRIU at
+"post-restore" (all memory restored, no task resumed yet) until ccr's verdict; a bad
+verdict makes CRIU kill the tree it built, and the restore fails naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ccr.engines import criu as criu_engine
+from ccr.engines import process
+from ccr.engines.compression import framed_entry, read_verified
+from ccr.errors import CcrError, CriuError, IntegrityError, MaxWaitExceeded, StorageError
+from ccr.storage.manifest import FileEntry
+
+SOCKET_NAME = "streamer-serve.sock"  # criu/img-streamer.c, restore side
+GATE_ACTION = "post-restore"
+# Pipes to CRIU get this much buffer (Linux's default pipe-max-size): 16x the default
+# 64 KiB means 16x fewer wake-ups per GiB on each side.
+PIPE_BYTES = 1 << 20
+_LOCAL_PIECE = 1 << 20
+# How long the action script waits for ccr's verdict before failing the restore itself
+# (ccr gone): longer than any restore ccr waits for.
+GATE_TIMEOUT_S = 3600
+
+# Opened read-write, the FIFO never blocks the open itself, so `read -t` bounds the wait.
+_SCRIPT = """#!/bin/bash
+# ccr: hold the restored tree at post-restore until ccr verified every image byte CRIU read.
+[ "$CRTOOLS_SCRIPT_ACTION" = "{action}" ] || exit 0
+read -r -t {timeout} verdict <>"$CCR_STREAM_GATE" && [ "$verdict" = ok ]
+"""
+
+
+@dataclass
+class Source:
+    """Where one image's bytes come from: a stored file (decoded and verified on the way)
+    or a local file already verified (ccr's small decoded copy of CRIU's metadata)."""
+
+    path: Path
+    entry: FileEntry | None = None
+
+    def pieces(self) -> Iterator[bytes]:
+        if self.entry is not None:
+            yield from read_verified(self.path, self.entry)
+            return
+        with self.path.open("rb", buffering=0) as fh:
+            while chunk := fh.read(_LOCAL_PIECE):
+                yield chunk
+
+    @property
+    def checked_first(self) -> bool:
+        """Every byte is verified before it is sent (no need to wait for the file's end)."""
+        return self.entry is None or framed_entry(self.entry)
+
+
+@dataclass
+class StreamStats:
+    """What serving cost: bytes sent to CRIU, and the bytes of the stored files read."""
+
+    sent_bytes: int = 0
+    files: int = 0
+    # Wall seconds a file was being served, summed over files (they overlap with CRIU).
+    serve_time: float = 0.0
+    # Seconds CRIU waited at post-restore for the last verdicts.
+    gate_wait: float = 0.0
+    failure: str | None = None
+
+
+@dataclass
+class _Feed:
+    name: str
+    thread: threading.Thread
+    checked_first: bool
+    drain: threading.Event = field(default_factory=threading.Event)
+
+
+class ImageServer:
+    """Serves sources to one `criu restore --stream` whose -D is directory."""
+
+    def __init__(self, directory: Path, sources: dict[str, Source], gate: Path) -> None:
+        self.directory = directory
+        self.sources = sources
+        self.gate = gate
+        self.stats = StreamStats()
+        self._lock = threading.Lock()
+        self._feeds: list[_Feed] = []
+        self._stop = threading.Event()
+        self._conn: socket.socket | None = None
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.bind(str(directory / SOCKET_NAME))
+        self._listener.listen(1)
+        os.mkfifo(gate, 0o600)
+        self._threads = [
+            threading.Thread(target=self._serve, name="ccr-stream", daemon=True),
+            threading.Thread(target=self._answer_gate, name="ccr-stream-gate", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- requests ---------------------------------------------------------------------------
+    def _serve(self) -> None:
+        try:
+            self._listener.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                return
+            conn.settimeout(None)
+            self._conn = conn
+            while not self._stop.is_set():
+                name = self._request(conn)
+                if name is None:
+                    return
+                source = self.sources.get(name)
+                reply = b"\x08" + (b"\x01" if source is not None else b"\x00")
+                conn.sendall(struct.pack("<I", len(reply)) + reply)
+                if source is None:
+                    continue
+                _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+                fds = [
+                    int.from_bytes(data[:4], "little")
+                    for level, kind, data in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                ]
+                if not fds:
+                    self._fail(f"CRIU sent no pipe for {name}")
+                    return
+                self._feed(name, source, fds[0])
+        except OSError as exc:
+            if not self._stop.is_set():
+                self._fail(f"image stream to CRIU broke: {exc.strerror or exc}")
+
+    @staticmethod
+    def _exact(conn: socket.socket, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def _request(self, conn: socket.socket) -> str | None:
+        """The file name of CRIU's next request (img_streamer_request_entry); None at EOF."""
+        head = self._exact(conn, 4)
+        if head is None:
+            return None
+        body = self._exact(conn, struct.unpack("<I", head)[0])
+        if body is None or body[:1] != b"\x0a":
+            return None
+        length, pos, shift = 0, 1, 0
+        while pos < len(body):
+            byte = body[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        name = body[pos : pos + length].decode(errors="replace")
+        # Names come from CRIU; a path never leaves the sources (a dict of plain names).
+        return name
+
+    # -- feeding one pipe -------------------------------------------------------------------
+    def _feed(self, name: str, source: Source, fd: int) -> None:
+        feed = _Feed(name, threading.Thread(), source.checked_first)
+        feed.thread = threading.Thread(
+            target=self._pump, args=(feed, source, fd), name=f"ccr-stream-{name}", daemon=True
+        )
+        with self._lock:
+            self._feeds.append(feed)
+            self.stats.files += 1
+        feed.thread.start()
+
+    def _pump(self, feed: _Feed, source: Source, fd: int) -> None:
+        began = time.monotonic()
+        sent = 0
+        try:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # a smaller pipe only costs wake-ups
+            os.set_blocking(fd, False)
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            receiving = True
+            for piece in source.pieces():
+                if not receiving:
+                    continue  # drained: read (and verify) the rest, send nothing
+                view = memoryview(piece)
+                while view and receiving:
+                    if self._stop.is_set() or feed.drain.is_set():
+                        receiving = False
+                        break
+                    try:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        sent += n
+                    except BlockingIOError:
+                        poller.poll(50)
+                    except BrokenPipeError:
+                        receiving = False  # CRIU took what it needed
+                if not receiving and source.checked_first:
+                    break  # all it took was verified: nothing left to check
+        except (IntegrityError, StorageError) as exc:
+            self._fail(str(exc))
+        except OSError as exc:
+            self._fail(f"cannot send {feed.name} to CRIU: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
+            with self._lock:
+                self.stats.sent_bytes += sent
+                self.stats.serve_time += time.monotonic() - began
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            if self.stats.failure is None:
+                self.stats.failure = message
+
+    def sent(self) -> int:
+        """Bytes sent so far (the running feeds' not counted until they end)."""
+        with self._lock:
+            return self.stats.sent_bytes
+
+    # -- the gate ---------------------------------------------------------------------------
+    def verdict(self) -> str | None:
+        """Wait until every byte CRIU took is verified; the first failure, or None.
+
+        Feeds verified frame by frame are not waited for (what they sent was checked);
+        the others (older manifests) are drained: CRIU read all it wants, the rest of
+        the file is read only to check the whole file's digest.
+        """
+        with self._lock:
+            feeds = list(self._feeds)
+        for feed in feeds:
+            if not feed.checked_first:
+                feed.drain.set()
+                feed.thread.join()
+        with self._lock:
+            return self.stats.failure
+
+    def _answer_gate(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fd = os.open(self.gate, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: the script does not wait yet
+                    return
+                time.sleep(0.005)
+                continue
+            began = time.monotonic()
+            try:
+                failure = self.verdict()
+                self.stats.gate_wait = time.monotonic() - began
+                os.write(fd, b"ok\n" if failure is None else b"bad\n")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            return
+
+    def close(self) -> None:
+        """Stop serving; wait for the feeds (CRIU is gone or done, so none blocks)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        with self._lock:
+            feeds = list(self._feeds)
+        for feed in feeds:
+            feed.thread.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._listener.close()
+
+
+class ExtraMemory:
+    """The most memory a restore used beyond what the restored tree holds, sampled.
+
+    A sample is the node's used memory (MemTotal - MemAvailable, /proc/meminfo) above its
+    level when the restore began, less the bytes the tree has received so far (the
+    caller's tree_bytes), and at least the size of the scratch directories on tmpfs.
+    Other work on the node moves the first figure too: on a shared node it is noisy.
+    """
+
+    def __init__(self) -> None:
+        self.baseline = self._used()
+        self.peak = 0
+        self._dirs: list[Path] = []
+        self._last = 0.0
+
+    @staticmethod
+    def _used() -> int:
+        fields: dict[str, int] = {}
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    name, _, rest = line.partition(":")
+                    fields[name] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            return 0
+        return fields.get("MemTotal", 0) - fields.get("MemAvailable", 0)
+
+    def watch(self, directory: Path) -> None:
+        """Count directory (a scratch dir) if it is on tmpfs."""
+        if _fs_type(directory) == "tmpfs":
+            self._dirs.append(directory)
+
+    def _scratch(self) -> int:
+        total = 0
+        for directory in self._dirs:
+            try:
+                with os.scandir(directory) as it:
+                    total += sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in it)
+            except OSError:
+                pass
+        return total
+
+    def sample(self, tree_bytes: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.01:
+            return
+        self._last = now
+        extra = max(self._used() - self.baseline - tree_bytes, self._scratch(), 0)
+        self.peak = max(self.peak, extra)
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system holding path (its deepest mount in /proc/self/mounts)."""
+    target = str(path.resolve())
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                point = parts[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+@dataclass
+class StreamedRestore:
+    pid: int
+    criu_time: float
+    stats: StreamStats
+
+
+def restore(
+    binary: str,
+    sources: dict[str, Source],
+    sock_dir: Path,
+    work_dir: Path,
+    *,
+    timeout: float | None = None,
+    tcp_established: bool = False,
+    network_lock: str | None = None,
+    on_sample: Callable[[int], None] | None = None,
+) -> StreamedRestore:
+    """`criu restore --stream` of sources as a child of the calling process (CRIU's sibling,
+    like RPC's rst_sibling); return the root's PID once the tree runs.
+
+    sock_dir (empty, short path) takes CRIU's socket; work_dir its log (restore.log), the
+    action script and the gate FIFO.  on_sample, if given, is called every few ms with the
+    bytes sent so far (for the caller's memory sampling).  A digest mismatch raises
+    IntegrityError naming the file, after CRIU killed what it had built; any failure or
+    an abandoned restore leaves no process behind.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    script = work_dir / "ccr-stream-gate.sh"
+    script.write_text(_SCRIPT.format(action=GATE_ACTION, timeout=GATE_TIMEOUT_S))
+    script.chmod(0o700)
+    gate = work_dir / "stream-gate"
+    gate.unlink(missing_ok=True)
+    pidfile = work_dir / "restored.pid"
+    pidfile.unlink(missing_ok=True)
+    log_file = work_dir / "restore.log"
+    server = ImageServer(sock_dir, sources, gate)
+    cmd = [
+        binary,
+        "restore",
+        "--stream",
+        "-D",
+        str(sock_dir),
+        "-W",
+        str(work_dir),
+        "-o",
+        log_file.name,
+        "-v4",
+        "--restore-detached",
+        "--restore-sibling",
+        "--pidfile",
+        str(pidfile),
+        "--action-script",
+        str(script),
+        *criu_engine.command_line_options("restore", tcp_established, network_lock),
+    ]
+    env = dict(os.environ, CCR_STREAM_GATE=str(gate))
+    started = time.monotonic()
+    since = process.now_ticks()
+    deadline = None if timeout is None else started + timeout
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=criu_engine._criu_child_setup,
+                process_group=0,
+            )
+        except OSError as exc:
+            raise CcrError(f"cannot run CRIU at {binary}: {exc.strerror}") from None
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise MaxWaitExceeded(f"CRIU restore did not finish within MaxWait={timeout:g}s")
+            if on_sample is not None:
+                on_sample(server.sent())
+            try:
+                proc.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                pass
+        criu_time = time.monotonic() - started
+        failure = server.stats.failure
+        if proc.returncode != 0 or failure is not None:
+            if failure is not None:
+                raise IntegrityError(f"{failure}; nothing of the restore was left running")
+            reason = criu_engine.log_reason(log_file) or f"criu exited {proc.returncode}"
+            raise CriuError(f"CRIU restore failed: {reason}", str(log_file))
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            raise CriuError(
+                "CRIU restore wrote no pid of the restored tree", str(log_file)
+            ) from None
+    except BaseException:
+        if proc is not None:
+            criu_engine._kill(proc)
+        for pid in process.restore_leftovers(since, binary):
+            process.signal_process(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        raise
+    finally:
+        server.close()
+    return StreamedRestore(pid, criu_time, server.stats)
