@@ -69,7 +69,9 @@ sys.path.insert(0, str(REPO))
 
 from ccr.engines.compression import (  # noqa: E402 - after the sys.path fix-up above
     DEFAULT_LEVEL,
+    FRAME_SIZE,
     SMALL_FILE,
+    WORKERS,
     Codec,
     HashingWriter,
     compress_dir,
@@ -88,6 +90,18 @@ PR_SET_CHILD_SUBREAPER = 36
 # ccr's own rows, with the --compress spec each passes, and raw CRIU on a ccr-launched tree.
 CCR_VARIANTS = {"ccr-none": "none", "ccr-zstd1": "zstd:1"}
 RAW_ON_CCR = "criu@ccr"
+# --restart's rows (issue 15): how each restarts, as (`ccr restart` arguments, environment).
+# The -scratch rows restore as ccr did before streaming (decoded copy in scratch, then RPC).
+# A lazy row is one more entry here, e.g. "ccr-zstd1-lazy": (["--lazy"], {}) (its fill_time
+# fills the fill column).
+RESTART_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "ccr-none": ([], {}),
+    "ccr-zstd1": ([], {}),
+    "ccr-none-scratch": ([], {"CCR_RESTORE_STREAM": "0"}),
+    "ccr-zstd1-scratch": ([], {"CCR_RESTORE_STREAM": "0"}),
+}
+for _name in RESTART_VARIANTS:
+    CCR_VARIANTS.setdefault(_name, "none" if _name.startswith("ccr-none") else "zstd:1")
 
 # The target: fills `size` bytes in 16 MiB arrays, prints its CRC32, then sleeps; SIGUSR1
 # makes it print the CRC again (after dump/restore cycles it must not have changed).
@@ -326,14 +340,17 @@ class Bench:
     def ccr_home(self) -> Path:
         return self.storage / "ccr"
 
-    def ccr(self, args: list[str]) -> tuple[float, object]:
+    def ccr(self, args: list[str], extra_env: dict[str, str] | None = None) -> tuple[float, object]:
         """Run `python -m ccr ARGS --json` in the private state dir: (wall seconds, JSON)."""
         env = dict(
             os.environ,
             CCR_STATE_DIR=str(self.ccr_home / "state"),
             CCR_CRIU=self.criu,
+            # This checkout's ccr (a worktree's), not whichever the venv has installed.
+            PYTHONPATH=str(REPO),
             MALLOC_MMAP_THRESHOLD_=str(MiB),
             OMP_NUM_THREADS="1",
+            **(extra_env or {}),
         )
         env.pop("CCR_COMPRESS", None)
         began = time.monotonic()
@@ -489,6 +506,53 @@ class Sample:
     cli_ckpt: float = math.nan
     restore: float = math.nan
     unpack: float = math.nan
+    # --restart: until the tree runs (ccr's resume_time; raw CRIU: its restore), until every
+    # page is in (lazy rows), and the memory the restart needed beyond what it ended with
+    # (MemSampler, the same for every row).
+    resume: float = math.nan
+    fill: float = math.nan
+    peak_extra: float = math.nan
+    own_peak: float = math.nan  # ccr's own peak_extra_bytes (see `ccr restart --json`)
+
+
+class MemSampler:
+    """Used memory (MemTotal - MemAvailable) sampled every 5 ms on a thread while a restart
+    runs: its peak above what is used once the restart is over is the extra memory the
+    restart needed beyond the restored tree (a scratch copy in tmpfs, ccr's frames in
+    flight).  Anything else on the node moves it too."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def used() -> int:
+        info = {}
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                info[name] = int(rest.split()[0]) * 1024
+        return info["MemTotal"] - info["MemAvailable"]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> MemSampler:
+        self.peak = self.used()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def extra(self) -> int:
+        return max(0, self.peak - self.used())
 
 
 def cycle(
@@ -506,7 +570,12 @@ def cycle(
         ckpt = time.monotonic() - began
         image = stored = dir_bytes(storage)
         evict(storage)
-        restart, root = bench.restore(storage)
+        with MemSampler() as memory:
+            restart, root = bench.restore(storage)
+        sample = Sample(frozen, ckpt, restart, image, stored, resume=restart, fill=0.0)
+        sample.peak_extra = memory.extra()
+        shutil.rmtree(storage)
+        return sample, root
     else:
         fresh_dir(stage)
         began = time.monotonic()
@@ -536,7 +605,9 @@ def ccr_cycle(bench: Bench, variant: str, job: int) -> tuple[Sample, psutil.Proc
     assert isinstance(made, dict)
     reap_zombies()  # the vacated step's supervisor has exited
     evict(Path(made["path"]))
-    restart, restored = bench.ccr(["restart", ref, "--json"])
+    how, env = RESTART_VARIANTS.get(variant, ([], {}))
+    with MemSampler() as memory:
+        restart, restored = bench.ccr(["restart", ref, *how, "--json"], env)
     assert isinstance(restored, dict)
     (result,) = restored["steps"]
     root = bench.adopt_ccr_step(job)
@@ -551,6 +622,10 @@ def ccr_cycle(bench: Bench, variant: str, job: int) -> tuple[Sample, psutil.Proc
         cli_ckpt=cli_ckpt,
         restore=result["restore_time"],
         unpack=result["unpack_time"],
+        resume=result.get("resume_time", result["restore_time"]),
+        fill=result.get("fill_time") or 0.0,
+        peak_extra=memory.extra(),
+        own_peak=result.get("peak_extra_bytes", math.nan),
     )
     return sample, root
 
@@ -783,6 +858,98 @@ def targets(label: str, kind: str, med: dict[str, Sample], cli: dict[int, CliSam
     return out
 
 
+# Issue 15's targets for the eager restart, and the lazy one's.
+NONE_RESTART_X = 1.2  # ccr uncompressed, of raw CRIU's restore of uncompressed images
+ZSTD_RESTART_X = 1.5  # ccr zstd:1, of the same
+PEAK_EXTRA_BYTES = 256 * MiB + WORKERS * FRAME_SIZE  # 256 MiB plus a frame per core
+LAZY_RESUME_S = 0.5  # at 4 GiB
+LAZY_FILL_SHARE = 0.8  # of the eager path's throughput
+
+
+def render_restart(results: dict[tuple[int, str], dict[str, list[Sample]]], reps: int) -> str:
+    """--restart's table: each row's restart, resume, fill and peak extra memory, as a
+    multiple of raw CRIU's (criu@ccr) figure, then every target with met/MISSED."""
+    lines = [
+        f"ccr restart benchmark (issue 15), {time.strftime('%Y-%m-%d %H:%M')}, median of {reps}; "
+        f"kernel {platform.release()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB.  restart = wall time of the "
+        "whole `ccr restart` call (raw: `criu restore -d`), page cache of the stored files "
+        "dropped first; resume = until the tree runs (ccr's resume_time); fill = until every "
+        "page is in (lazy rows; eager rows are complete when they resume); peak extra = used "
+        "memory during the restart above what it ended with (sampled every 5 ms from "
+        "/proc/meminfo: a tmpfs scratch copy shows there).",
+        "",
+        "| payload | kind | variant | restart s | resume s | fill s | peak extra MiB "
+        "| ccr restore_time s (unpack s), own peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts: list[str] = []
+    for (size, kind), samples in results.items():
+        med = {
+            v: Sample(*(median([getattr(s, f) for s in ss]) for f in Sample.__dataclass_fields__))
+            for v, ss in samples.items()
+        }
+        raw = med.get(RAW_ON_CCR)
+        for variant, m in med.items():
+            ref = raw or m
+            extra_mib = m.peak_extra / MiB
+            peak = (
+                cell(extra_mib, ref.peak_extra / MiB, 0)
+                if ref.peak_extra >= 16 * MiB
+                else f"{extra_mib:.0f}"
+            )
+            own = (
+                "-"
+                if math.isnan(m.restore)
+                else f"{m.restore:.2f} ({m.unpack:.2f}), {m.own_peak / MiB:.0f}"
+            )
+            lines.append(
+                f"| {size_label(size)} | {kind} | {variant} | {cell(m.restart, ref.restart)} "
+                f"| {cell(m.resume, ref.resume)} | {m.fill:.2f} | {peak} | {own} |"
+            )
+        verdicts += restart_targets(size, kind, med)
+    lines += ["", "Targets (issue 15), from this run:", ""] + [f"- {v}" for v in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def restart_targets(size: int, kind: str, med: dict[str, Sample]) -> list[str]:
+    label = f"{size_label(size)} {kind}"
+    raw = med.get(RAW_ON_CCR)
+    out = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    for variant, limit in (("ccr-none", NONE_RESTART_X), ("ccr-zstd1", ZSTD_RESTART_X)):
+        m = med.get(variant)
+        if m and raw:
+            x = m.restart / raw.restart
+            out.append(
+                f"{label} {variant} restart ×{x:.2f} of raw CRIU's ({verdict(x <= limit)}, "
+                f"≤{limit})"
+            )
+    for variant, m in med.items():
+        if variant in CCR_VARIANTS and not variant.endswith("-scratch"):
+            out.append(
+                f"{label} {variant} peak extra {m.peak_extra / MiB:.0f} MiB "
+                f"({verdict(m.peak_extra <= PEAK_EXTRA_BYTES)}, ≤{PEAK_EXTRA_BYTES / MiB:.0f})"
+            )
+    lazy, eager = med.get("ccr-zstd1-lazy"), med.get("ccr-zstd1")
+    if lazy:
+        if size >= 4 << 30:
+            out.append(
+                f"{label} ccr-zstd1-lazy resume {lazy.resume:.2f} s "
+                f"({verdict(lazy.resume <= LAZY_RESUME_S)}, ≤{LAZY_RESUME_S})"
+            )
+        if eager and lazy.fill > 0:
+            share = eager.resume / lazy.fill  # same bytes: throughput ratio
+            out.append(
+                f"{label} ccr-zstd1-lazy fill throughput {share:.0%} of the eager path's "
+                f"({verdict(share >= LAZY_FILL_SHARE)}, ≥{LAZY_FILL_SHARE:.0%})"
+            )
+    return out
+
+
 def environment(bench: Bench, reps: int) -> list[str]:
     version = subprocess.run([bench.criu, "--version"], capture_output=True, text=True).stdout
     zstd_cli = shutil.which("zstd")
@@ -926,6 +1093,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the CLI's per-call cost: read-only commands and create/restart overhead "
         "over raw CRIU (medians of --reps, default 10 here)",
     )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="only the restart table (issue 15): criu@ccr, ccr-none, ccr-zstd1 and their "
+        "-scratch rows (restore from a decoded copy, as before streaming)",
+    )
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/ccrbench"))
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm/ccrbench"))
@@ -941,13 +1114,16 @@ def main(argv: list[str] | None = None) -> int:
     if set(kinds) - {"random", "realistic"}:
         parser.error("--kinds takes random and/or realistic")
     variants = ["criu", "none"] + [f"zstd-{int(lv)}" for lv in args.levels.split(",") if lv]
-    variants += ["gzip-6", "lz4", RAW_ON_CCR, *CCR_VARIANTS]
+    if args.restart:
+        variants = [RAW_ON_CCR, *RESTART_VARIANTS]
+    else:
+        variants += ["gzip-6", "lz4", RAW_ON_CCR, "ccr-none", "ccr-zstd1"]
     if args.variants:
         wanted = [v for v in args.variants.split(",") if v]
         if set(wanted) - set(variants):
             parser.error(f"--variants takes some of {','.join(variants)}")
         variants = [v for v in variants if v in wanted]
-    cli_levels = [int(lv) for lv in args.cli_levels.split(",") if lv]
+    cli_levels = [int(lv) for lv in args.cli_levels.split(",") if lv] if not args.restart else []
     if cli_levels and not shutil.which("zstd"):
         sys.exit("the zstd CLI is missing: apt-get install -y zstd (or --cli-levels '')")
     check_setup(args.criu)
@@ -987,7 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         clean_up(bench, args.scratch, args.storage)
-    table = render(results, clis, environment(bench, args.reps))
+    if args.restart:
+        table = render_restart(results, args.reps)
+    else:
+        table = render(results, clis, environment(bench, args.reps))
     table += f"\nRun time {time.monotonic() - began:.0f} s.\n"
     print(table)
     if args.out:

@@ -87,6 +87,12 @@ RESTARTED = obj(
         "checkpoint": PATH,
         "restore_time": SECONDS,
         "unpack_time": SECONDS,
+        "verify_time": SECONDS,
+        "criu_time": SECONDS,
+        "resume_time": SECONDS,
+        "fill_time": {"type": ["number", "null"], "minimum": 0},
+        "peak_extra_bytes": COUNT,
+        "streamed": {"type": "boolean"},
     }
 )
 RESTART = obj(

@@ -17,12 +17,13 @@ from conftest import Ccr, numbers, wait_for
 from ccr.storage.manifest import MANIFEST, ManifestKey, read_json, write_signed
 
 # A step whose memory holds `MIB` MiB: half random bytes, half text-like (compressible); it
-# prints a counter and, every line, a digest of that memory, which it recomputes from a
-# seed: a restored process whose memory differs in one byte prints a mismatch and exits 3.
+# prints a counter and every `EVERY` lines re-hashes that memory against the digest it took
+# at the start: a restored process whose memory differs in one byte prints MISMATCH, exits 3.
 HOLDER = """\
 import hashlib, os, random, sys, time
 mib = int(sys.argv[1])
 seed = int(sys.argv[2])
+every = int(sys.argv[3])
 rng = random.Random(seed)
 blob = bytearray(mib << 20)
 half = (mib // 2) << 20
@@ -40,7 +41,7 @@ while at < len(blob):
 expect = hashlib.blake2b(blob, digest_size=16).hexdigest()
 i = 0
 while True:
-    if i % 20 == 0:
+    if i % every == 0:
         got = hashlib.blake2b(blob, digest_size=16).hexdigest()
         if got != expect:
             print("MISMATCH", i, flush=True)
@@ -51,9 +52,10 @@ while True:
 """
 
 
-def start_holder(ccr: Ccr, job: int, mib: int) -> Path:
+def start_holder(ccr: Ccr, job: int, mib: int, every: int = 20) -> Path:
     prog = ccr.program("holder.py", HOLDER)
-    ccr.detach("python3", str(prog), str(mib), str(job), options=("--job-id", str(job)))
+    argv = ("python3", str(prog), str(mib), str(job), str(every))
+    ccr.detach(*argv, options=("--job-id", str(job)))
     out = ccr.work / f"ccr-{job}.0.out"
     wait_for(lambda: len(numbers(out)) > 2, 60 + mib / 50, "the holder's first lines")
     return out
@@ -86,8 +88,12 @@ def restart_json(ccr: Ccr, job: int, timeout: float = 180) -> dict[str, Any]:
 
 
 def growing(out: Path, beyond: int, timeout: float = 60) -> None:
-    wait_for(lambda: len(numbers(out)) > beyond + 5, timeout, "restored output")
-    assert "MISMATCH" not in out.read_text()
+    wait_for(
+        lambda: "MISMATCH" in out.read_text() or len(numbers(out)) > beyond + 5,
+        timeout,
+        "restored output",
+    )
+    assert "MISMATCH" not in out.read_text(), "the restored memory differs"
 
 
 def kill_step(ccr: Ccr, job: int) -> None:
@@ -206,12 +212,14 @@ def test_process_holding_60_percent_of_ram_restores_on_the_same_node(ccr: Ccr) -
     copy of it, so it fits beside the process (run under flock /work/notes/bigmem.lock)."""
     mib = int(_mem_total() * 0.6) >> 20
     job = 75040
-    out = start_holder(ccr, job, mib)
+    every = 100  # hashing 14 GiB takes some 15 s here: a check every 100 lines
+    out = start_holder(ccr, job, mib, every)
     ckpt = vacate(ccr, job, timeout=900)
     assert read_json(ckpt / MANIFEST)["compression"].startswith("zstd")
     at = len(numbers(out))
     step = restart_json(ccr, job, timeout=900)
     assert step["streamed"] is True
-    # Every 20 lines the restored process re-hashes all of its memory against the seed.
-    growing(out, at + 40, timeout=300)
+    # The restored process re-hashes all of its memory at its next multiple of `every`.
+    check = (at // every + 1) * every
+    growing(out, check, timeout=300)
     kill_step(ccr, job)
