@@ -60,7 +60,10 @@ def criu_working(ccr: Ccr, parent: int | None = None) -> bool:
             if not entry.name.isdigit() or not os.readlink(entry / "exe").endswith("/criu"):
                 continue
             cmdline = (entry / "cmdline").read_bytes()
-            if b"swrk" not in cmdline.split(b"\0") and not cmdline.startswith(b"criu: "):
+            args = cmdline.split(b"\0")
+            # `criu swrk` (RPC), `criu restore --stream` (a streamed restore), or a CRIU
+            # that renamed itself (`criu: dump ...`).
+            if b"swrk" not in args and b"restore" not in args and not cmdline.startswith(b"criu: "):
                 continue
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if ppid == parent or marker in (entry / "environ").read_bytes().split(b"\0"):
@@ -71,24 +74,26 @@ def criu_working(ccr: Ccr, parent: int | None = None) -> bool:
 
 
 def slow_criu(work: Path) -> Path:
-    """A CRIU that waits 3 s before serving a restore (`criu swrk`), then is the real one."""
+    """A CRIU that waits 3 s before a restore (`criu restore --stream`, or `criu swrk` over
+    RPC), then is the real one."""
     from ccr import config
 
     wrapper = work / "slow-criu"
     wrapper.write_text(
-        f'#!/bin/sh\ncase " $* " in *" swrk "*) sleep 3;; esac\nexec {config.criu_binary()} "$@"\n'
+        f'#!/bin/sh\ncase " $* " in *" swrk "*|*" restore "*) sleep 3;; esac\n'
+        f'exec {config.criu_binary()} "$@"\n'
     )
     wrapper.chmod(0o755)
     return wrapper
 
 
 def restore_waiting(ccr: Ccr, wrapper: Path) -> bool:
-    """This test's ccr runs the slow CRIU's `swrk` (the restore's CRIU, not yet exec'd)."""
+    """This test's ccr runs the slow CRIU's restore (not yet exec'd)."""
     marker = f"CCR_STATE_DIR={ccr.state_dir}".encode()
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if str(wrapper).encode() in cmdline and b"swrk" in cmdline:
+            if str(wrapper).encode() in cmdline and (b"swrk" in cmdline or b"restore" in cmdline):
                 if marker in (entry / "environ").read_bytes().split(b"\0"):
                     return True
         except OSError:

@@ -375,11 +375,13 @@ def restore_into(
         if copy
         else image.path
     )
-    memory.watch(raw_dir)
     unpack_time = verify_time = criu_time = 0.0
     overlay: Path | None = None
     undo_files: openfiles.Undo | None = None
+    # Nothing between making the scratch dir and this try: an interrupt there would leak it.
     try:
+        if copy:
+            memory.watch(raw_dir)
         unpack_began = time.monotonic()
         if copy:
             # Every file's digest (and zstd checksum) is checked as it is decoded: a

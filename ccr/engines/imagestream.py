@@ -412,7 +412,6 @@ def restore(
     pidfile = work_dir / "restored.pid"
     pidfile.unlink(missing_ok=True)
     log_file = work_dir / "restore.log"
-    server = ImageServer(sock_dir, sources, gate)
     cmd = [
         binary,
         "restore",
@@ -437,6 +436,7 @@ def restore(
     since = process.now_ticks()
     deadline = None if timeout is None else started + timeout
     proc: subprocess.Popen[bytes] | None = None
+    server = ImageServer(sock_dir, sources, gate)
     try:
         try:
             proc = subprocess.Popen(
