@@ -224,6 +224,13 @@ def decompress_dir(
         raise
 
 
+# Frames read_verified keeps decoding ahead of its consumer: a consumer that waits on its
+# reader (CRIU faulting in fresh memory) must not stall the decoding too.  At WORKERS
+# frames ahead a streamed 1 GiB restore spent 0.7 s of 2.2 waiting for decoded frames.
+# Bounded: (AHEAD + 1) frames, raw and stored, at most ~200 MiB with 32 workers.
+AHEAD = min(2 * WORKERS + 1, 16)
+
+
 def read_verified(src: Path, entry: FileEntry) -> Iterator[bytes]:
     """The raw bytes of the stored file src, in order and in pieces, checked against entry.
 
@@ -238,6 +245,8 @@ def read_verified(src: Path, entry: FileEntry) -> Iterator[bytes]:
     ifh = _open_source(src, stored=True)
     with ifh:
         try:
+            # Read once, front to back: a larger readahead keeps a cold disk streaming.
+            os.posix_fadvise(ifh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if entry.codec == "zstd":
                 yield from _read_zstd(ifh, src, entry)
             elif entry.codec == "none":
@@ -292,7 +301,7 @@ def _read_raw(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]:
                 pending.append((future, chunk, count, size))
                 size += len(chunk)
                 count += 1
-                while len(pending) > WORKERS:
+                while len(pending) > AHEAD:
                     yield checked()
                 if not chunk:  # an empty file: its one (empty) piece
                     break
@@ -349,7 +358,7 @@ def _read_zstd(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]:
                     pending.append(pool.submit(unpack, frame, index, at, size))
                     index += 1
                     raw += size
-                    while len(pending) > WORKERS:
+                    while len(pending) > AHEAD:
                         yielded = True
                         yield pending.popleft().result()
                 parts.append(chunk[cut:])
