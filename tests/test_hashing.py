@@ -43,7 +43,7 @@ def test_backlog_bounds_what_waits() -> None:
     # A worker held up: update() must block once the backlog is full, not queue everything.
     gate = threading.Event()
     threaded = ThreadedDigest("sha256", backlog=3 << 20)
-    threaded._pool.submit(gate.wait)  # occupy the worker
+    threaded._worker().submit(gate.wait)  # occupy the worker (started on first use)
     queued: list[int] = []
 
     def feed() -> None:

@@ -314,6 +314,11 @@ class ImageServer:
     def close(self) -> None:
         """Stop serving; wait for the feeds (CRIU is gone or done, so none blocks)."""
         self._stop.set()
+        if self._conn is not None:
+            try:  # wakes the request loop even if something still holds CRIU's end
+                self._conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self._threads:
             thread.join()
         with self._lock:

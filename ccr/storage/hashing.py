@@ -64,14 +64,17 @@ class ThreadedDigest:
         if len(data) < _INLINE and not self._pending:
             self._digest.update(data)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ccr-digest")
-        self._pending.append((self._pool.submit(self._digest.update, data), len(data)))
+        self._pending.append((self._worker().submit(self._digest.update, data), len(data)))
         self._waiting += len(data)
         while self._waiting > self._backlog and len(self._pending) > 1:
             future, size = self._pending.popleft()
             future.result()
             self._waiting -= size
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ccr-digest")
+        return self._pool
 
     def hexdigest(self) -> str:
         """Wait for the backlog, end the thread, and return the digest."""

@@ -1,0 +1,229 @@
+"""read_verified (a stored file's bytes, each frame checked before it leaves) and ccr's side
+of CRIU's image-streamer protocol, driven here as CRIU drives it (criu/img-streamer.c):
+request, reply, a pipe's write end over SCM_RIGHTS, then the file through the pipe.
+The real CRIU runs in tests/test_restart_stream_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ccr.engines.compression import FRAME_SIZE, Codec, compress_dir, read_verified
+from ccr.engines.imagestream import SOCKET_NAME, ImageServer, Source
+from ccr.errors import IntegrityError
+from ccr.storage.manifest import FORMAT, FileEntry, StepManifest
+
+
+def blob(size: int, seed: int = 1) -> bytes:
+    rng = random.Random(seed)
+    half = size // 2
+    return (
+        rng.randbytes(half)
+        + (b"text-like line of a page image\n" * (size // 31 + 1))[: size - half]
+    )
+
+
+SIZES = [0, 1, 4096, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 2 * FRAME_SIZE + 12345]
+
+
+def stored(tmp_path: Path, data: bytes, codec: str) -> tuple[Path, FileEntry]:
+    src = tmp_path / "dump"
+    src.mkdir(exist_ok=True)
+    (src / "pages-1.img").write_bytes(data)
+    c = Codec("zstd", 1) if codec == "zstd" else Codec("none", 0)
+    [entry] = compress_dir(src, tmp_path / codec, c)
+    return tmp_path / codec / entry.name, entry
+
+
+def old(entry: FileEntry) -> FileEntry:
+    """The entry as a format-3 manifest had it: one digest for the whole file."""
+    return replace(entry, frames=[], frame_bytes=0)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+@pytest.mark.parametrize("size", SIZES)
+def test_round_trip_framed_and_old(tmp_path: Path, codec: str, size: int) -> None:
+    data = blob(size)
+    path, entry = stored(tmp_path, data, codec)
+    if size >= 64 << 10 or codec == "none":
+        assert len(entry.frames) == max(1, -(-size // FRAME_SIZE))
+    assert b"".join(read_verified(path, entry)) == data
+    assert b"".join(read_verified(path, old(entry))) == data
+
+
+def flip(path: Path, at: int) -> None:
+    with path.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x55]))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_a_bad_frame_never_leaves(tmp_path: Path, codec: str) -> None:
+    """Format 4: the frames before the damaged one come out, not one byte of it."""
+    data = blob(3 * FRAME_SIZE)
+    path, entry = stored(tmp_path, data, codec)
+    flip(path, path.stat().st_size - 10)  # in the third (last) frame
+    got = bytearray()
+    with pytest.raises(IntegrityError, match=f"{path} is corrupted .*frame 2"):
+        for piece in read_verified(path, entry):
+            got += piece
+    assert bytes(got) == data[: 2 * FRAME_SIZE]
+
+
+def test_old_entries_are_checked_at_the_end(tmp_path: Path) -> None:
+    """Format 3 (uncompressed): one digest, known only after the last byte."""
+    data = blob(3 * FRAME_SIZE)
+    path, entry = stored(tmp_path, data, "none")
+    flip(path, 10)
+    got = bytearray()
+    with pytest.raises(IntegrityError, match=f"{path} is corrupted \\(checksum mismatch\\)"):
+        for piece in read_verified(path, old(entry)):
+            got += piece
+    assert len(got) == len(data)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_truncated_and_extended_files_are_refused(tmp_path: Path, codec: str) -> None:
+    data = blob(2 * FRAME_SIZE + 100)
+    path, entry = stored(tmp_path, data, codec)
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) - 50])
+    with pytest.raises(IntegrityError, match=str(path)):
+        b"".join(read_verified(path, entry))
+    path.write_bytes(original + b"\0" * 10)
+    with pytest.raises(IntegrityError, match=str(path)):
+        b"".join(read_verified(path, entry))
+
+
+def test_manifest_format_follows_what_it_holds() -> None:
+    base = StepManifest(
+        job_id=1, step_id=0, argv=["x"], cwd="/", output="/o", hostname="h", uid=0, gid=0,
+        root_pid=1, pids=[1], criu_version="4", created=0.0, leave_running=True,
+    )  # fmt: skip
+    base.files = [FileEntry("a", 1, "d", 1, frames=["f"], frame_bytes=FRAME_SIZE)]
+    assert FORMAT == 4 and base.to_dict()["format"] == 4
+    base.files = [FileEntry("a", 1, "d", 1)]
+    data = base.to_dict()
+    assert data["format"] == 2 and "frames" not in data["files"][0]  # an older ccr reads it
+
+
+# --- the protocol ------------------------------------------------------------------------
+
+
+class FakeCriu:
+    """CRIU's side of img-streamer.c, in Python."""
+
+    def __init__(self, directory: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(directory / SOCKET_NAME))
+
+    def open(self, name: str) -> int | None:
+        raw = name.encode()
+        body = b"\x0a" + bytes([len(raw)]) + raw  # names here are < 128 bytes
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+        head = self.sock.recv(4)
+        reply = self.sock.recv(struct.unpack("<I", head)[0])
+        if reply != b"\x08\x01":
+            return None
+        r, w = os.pipe()
+        self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", w))])
+        os.close(w)
+        return r
+
+    @staticmethod
+    def read_all(fd: int) -> bytes:
+        out = bytearray()
+        while chunk := os.read(fd, 1 << 20):
+            out += chunk
+        os.close(fd)
+        return bytes(out)
+
+
+def gate_verdict(gate: Path) -> str:
+    """What the action script reads at post-restore."""
+    fd = os.open(gate, os.O_RDWR)
+    try:
+        return os.read(fd, 16).decode().strip()
+    finally:
+        os.close(fd)
+
+
+def test_server_serves_stored_files_and_says_what_is_missing(tmp_path: Path) -> None:
+    data = blob(2 * FRAME_SIZE + 7)
+    path, entry = stored(tmp_path, data, "zstd")
+    meta = tmp_path / "meta.img"
+    meta.write_bytes(b"metadata")
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    server = ImageServer(
+        sock_dir,
+        {"pages-1.img": Source(path, entry), "inventory.img": Source(meta)},
+        tmp_path / "g",
+    )
+    try:
+        criu = FakeCriu(sock_dir)
+        assert criu.open("memfd.img") is None
+        fd = criu.open("inventory.img")
+        assert fd is not None and criu.read_all(fd) == b"metadata"
+        fd = criu.open("pages-1.img")
+        assert fd is not None and criu.read_all(fd) == data
+        assert gate_verdict(tmp_path / "g") == "ok"
+        assert server.stats.failure is None
+        assert server.sent() == len(data) + len(b"metadata")
+    finally:
+        server.close()
+
+
+def test_gate_says_bad_when_an_old_file_fails_at_its_end(tmp_path: Path) -> None:
+    """CRIU read every byte of a format-3 file whose digest then fails: the verdict (what
+    holds the tree at post-restore) is bad, naming nothing run."""
+    data = blob(2 * FRAME_SIZE)
+    path, entry = stored(tmp_path, data, "none")
+    flip(path, 5)
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    server = ImageServer(sock_dir, {"pages-1.img": Source(path, old(entry))}, tmp_path / "g")
+    try:
+        criu = FakeCriu(sock_dir)
+        fd = criu.open("pages-1.img")
+        assert fd is not None
+        got = criu.read_all(fd)
+        assert len(got) == len(data)  # CRIU got it all, wrong byte included ...
+        assert gate_verdict(tmp_path / "g") == "bad"  # ... and the tree never resumes
+        assert server.stats.failure and str(path) in server.stats.failure
+    finally:
+        server.close()
+
+
+def test_gate_drains_an_old_file_criu_stopped_reading(tmp_path: Path) -> None:
+    """CRIU may close a pipe early (it read what it needed): an old-format file is still
+    read to its end for its digest before the verdict."""
+    data = blob(3 * FRAME_SIZE)
+    path, entry = stored(tmp_path, data, "zstd")
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    server = ImageServer(sock_dir, {"pages-1.img": Source(path, old(entry))}, tmp_path / "g")
+    verdict: list[str] = []
+    try:
+        criu = FakeCriu(sock_dir)
+        fd = criu.open("pages-1.img")
+        assert fd is not None
+        assert len(os.read(fd, 4096)) > 0
+        # CRIU keeps the pipe open without reading (a forked task holds it): the gate
+        # must not wait for it to read on.
+        waiter = threading.Thread(target=lambda: verdict.append(gate_verdict(tmp_path / "g")))
+        waiter.start()
+        waiter.join(60)
+        assert verdict == ["ok"]
+        os.close(fd)
+    finally:
+        server.close()
