@@ -70,7 +70,8 @@ class Source:
     path: Path
     entry: FileEntry | None = None
 
-    def pieces(self) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The file's bytes in pieces, each valid until the next is asked for."""
         if self.entry is not None:
             yield from read_verified(self.path, self.entry)
             return

@@ -96,10 +96,10 @@ class ThreadedDigest:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def digest_of(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
+def digest_of(data: bytes | memoryview, algorithm: str = DEFAULT_ALGORITHM) -> str:
     """The hex digest of one buffer (a frame), on the calling thread."""
     h = new_hash(algorithm)
-    h.update(data)
+    h.update(data)  # type: ignore[arg-type]  # both libraries take any buffer
     return h.hexdigest()
 
 
