@@ -861,6 +861,21 @@ def doctor_(as_json: bool = JSON_OPT) -> None:
     raise typer.Exit(0 if ok else CriuError.exit_code)
 
 
+@app.command()
+def daemon(
+    socket_path: Optional[str] = typer.Option(
+        None, "--socket", help="Unix socket (default: CCR_SOCKET, else /run/ccr/ccr.sock)."
+    ),
+) -> None:
+    """Run the node service (as root) that serves every other user's ccr commands.
+
+    Example: ccr daemon --socket /run/ccr/ccr.sock    (or: systemctl start ccr-daemon)
+    """
+    from ccr.service import server  # the service runs this module's app: loaded on use
+
+    raise typer.Exit(server.main(socket_path))
+
+
 app.add_typer(checkpoint_app, name="checkpoint")
 register_slurm_commands(app)
 
@@ -944,9 +959,31 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: every error becomes one line on stderr and a non-zero exit code."""
+    """Entry point: every error becomes one line on stderr and a non-zero exit code.
+
+    A user other than root (or root, with CCR_SOCKET naming a running service) runs the
+    command in the node service (ccr/service), which prints and exits exactly as this does.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    from ccr.service import client
+
+    if client.wants_service(args):
+        try:
+            code = client.call(args)
+        except CcrError as exc:
+            code = _fail(str(exc), exit_code_for(exc), "--json" in args)
+        sys.stdout.flush()
+        sys.exit(code)
+    code = run_in_process(args)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def run_in_process(argv: list[str]) -> int:
+    """Run one command line in this process; return its exit code (the service's workers
+    call this with the caller's argv)."""
     command = typer.main.get_command(app)
-    args, as_json = _normalise(command, list(sys.argv[1:] if argv is None else argv))
+    args, as_json = _normalise(command, argv)
     try:
         result = command.main(args=args, prog_name="ccr", standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -974,8 +1011,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             print(f"ccr: internal error: {message}", file=sys.stderr)
             code = 1
-    sys.stdout.flush()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

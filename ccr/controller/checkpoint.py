@@ -11,11 +11,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccr import config, interrupts, progress
+from ccr import config, identity, interrupts, progress
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, openfiles, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu
+from ccr.engines.taskcreds import refuse_foreign_tasks
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import registry as reg
@@ -312,7 +313,10 @@ def _dump_step(
     # then are the pages compressed into the image directory (frozen time = CRIU's alone).
     file_max, files_total = config.save_limits()
     estimate = process.tree_rss(step.init_pid) + openfiles.estimate(pids, files_total)
-    raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if compressed else step_dir
+    # A user's dump (node service) is staged too: CRIU (root) writes only into ccr's
+    # private scratch, never into a directory the user can write to (see ccr.identity).
+    staged = compressed or identity.served_user()
+    raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if staged else step_dir
     watchdog = dump_watchdog(estimate) if timeout is None else None
     # The files the tree writes are listed and the small ones copied beside the images
     # (so they are compressed, digested and signed with them) from CRIU's post-dump
@@ -341,7 +345,10 @@ def _dump_step(
             )
         if not opts.stop:
             seq.resume()
-        if compressed:
+        if identity.served_user():
+            identity.give_to_caller(raw_dir)  # CRIU wrote its images as root
+            refuse_foreign_tasks(raw_dir, step.id)
+        if staged:
             raw_total = sum(p.stat().st_size for p in raw_dir.iterdir() if p.is_file())
             with progress.task(f"compress {step.id}", raw_total) as update:
                 entries = compress_dir(raw_dir, step_dir, opts.codec, progress=update)
@@ -356,13 +363,13 @@ def _dump_step(
             ) from None
         raise
     finally:
-        if compressed:
+        if staged:
             discard(raw_dir)
     try:
         status = os.stat(f"/proc/{step.init_pid}")
         uid, gid = status.st_uid, status.st_gid
     except OSError:
-        uid, gid = os.getuid(), os.getgid()
+        uid, gid = identity.caller_uid(), identity.caller_gid()
     with rt.registry() as db:
         job = db.job(step.job_id)
     manifest = StepManifest(
@@ -404,7 +411,7 @@ def _dump_step(
         for path in step_dir.iterdir():
             if path.is_file():
                 path.chmod(0o600)
-        manifest.files = entries if compressed else describe_files(step_dir)
+        manifest.files = entries if staged else describe_files(step_dir)
         manifest.total_time = time.monotonic() - began
         write_signed(step_dir / MANIFEST, manifest.to_dict(), key)
     except OSError as exc:

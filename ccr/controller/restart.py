@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ccr import interrupts, progress
+from ccr import identity, interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import gpu, image_fixes, openfiles, process
@@ -179,7 +179,7 @@ def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
 def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
     """Refuse a restart that cannot or must not happen, before anything is started."""
     m = image.manifest
-    uid = os.getuid()
+    uid = identity.caller_uid()
     if uid != 0 and uid != m.uid:
         raise PermissionDeniedError(
             f"checkpoint {image.path} belongs to uid {m.uid}; only that user or root may restart it"
@@ -302,7 +302,9 @@ def restore_into(
     work = rt.work_dir(f"{image.step}-restore")
     began = time.monotonic()
     deadline = None if max_wait is None else began + max_wait
-    packed = any(f.codec != "none" for f in image.manifest.files)
+    # A user's restore (node service) reads a verified copy in ccr's private scratch, never
+    # the user's own files, which could be swapped after the check (see ccr.identity).
+    packed = any(f.codec != "none" for f in image.manifest.files) or identity.served_user()
     raw_dir = (
         scratch_dir(image.manifest.image_bytes, image.path.parent, "restore")
         if packed

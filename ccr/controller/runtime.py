@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccr import config
+from ccr import config, identity
 from ccr.locking import exclusive_lock
 from ccr.storage.registry import Registry
 
@@ -44,7 +44,8 @@ class Runtime:
     def manifest_key(self, create: bool) -> bytes | None:
         from ccr.storage.manifest import ManifestKey
 
-        return ManifestKey(config.key_file(self.state_dir)).load(create)
+        with identity.privileged():  # the service's key: users never read it
+            return ManifestKey(config.key_file(self.state_dir)).load(create)
 
     def work_dir(self, what: str) -> Path:
         """A fresh directory under logs/ for one CRIU action's log and statistics."""
@@ -53,7 +54,11 @@ class Runtime:
         for n in range(1000):
             path = base / f"{what}-{stamp}-{os.getpid()}-{n}"
             try:
-                path.mkdir(mode=0o700)
+                with identity.privileged():
+                    path.mkdir(mode=0o700)
+                # Inside the root-only logs dir, so no user reaches it: the caller's, so that
+                # ccr, acting with the caller's credentials, writes its notes there.
+                identity.give_to_caller(path)
                 return path
             except FileExistsError:
                 continue
@@ -63,7 +68,12 @@ class Runtime:
     def job_lock(self, job_id: int, max_wait: float | None) -> Iterator[None]:
         """Serialize checkpoints of one job; wait at most max_wait seconds for the lock."""
         locks = self.state_dir / "locks"
-        locks.mkdir(exist_ok=True, mode=0o700)
         busy = f"another checkpoint of job {job_id} is still running"
-        with exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy):
+        with identity.privileged():
+            locks.mkdir(exist_ok=True, mode=0o700)
+            lock = exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy)
+            lock.__enter__()
+        try:
             yield
+        finally:
+            lock.__exit__(None, None, None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from ccr import config
+from ccr import config, identity
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import supervisor as sup
 from ccr.controller.restart import default_image_dir
@@ -132,9 +132,9 @@ def file_context(step: StepId, argv: list[str]) -> FileContext:
         return int(value) if value.isdigit() else None
 
     try:
-        user = pwd.getpwuid(os.getuid()).pw_name
+        user = pwd.getpwuid(identity.caller_uid()).pw_name
     except KeyError:
-        user = str(os.getuid())
+        user = str(identity.caller_uid())
     return FileContext(
         job_id=step.job_id,
         step_id=step.step_id,

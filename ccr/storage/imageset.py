@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccr import identity
 from ccr.errors import NotFoundError, StorageError, UsageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
@@ -302,22 +303,36 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     """
     import psutil
 
+    # A user's raw images (node service) never go where the user can reach them: the
+    # service's own containers (see identity.private_container), not beside ImageDir.
+    private = identity.served_user()
+    fast = identity.private_container(fast=True) if private else FAST_SCRATCH
+    if private:
+        disk = identity.private_container(fast=False)
+        if disk is None:
+            raise StorageError("the node service has no private scratch directory")
+        fallback = disk
     candidates = []
     try:
-        if FAST_SCRATCH.is_dir():
+        if fast is not None and fast.is_dir():
             margin = int(estimate * 1.25) + (64 << 20)
-            free = shutil.disk_usage(FAST_SCRATCH).free
+            free = shutil.disk_usage(fast).free
             if free > margin and psutil.virtual_memory().available > 2 * margin:
-                candidates.append(FAST_SCRATCH)
+                candidates.append(fast)
     except OSError:
         pass
     candidates.append(fallback)
-    for base in candidates:
-        _clean_dead_scratch(base)
+    with identity.privileged():
+        for base in candidates:
+            _clean_dead_scratch(base)
     last: OSError | None = None
     for base in candidates:
         try:
-            path = base / f".ccr-{purpose}-{os.getpid()}-{secrets.token_hex(4)}"
+            # 128 random bits in a container that lists nothing to users (service).
+            path = base / f".ccr-{purpose}-{os.getpid()}-{secrets.token_hex(16 if private else 4)}"
+            if private:
+                identity.make_private_dir(path)
+                return path
             path.mkdir(mode=0o700)
             path.chmod(0o700)
             return path
