@@ -7,11 +7,12 @@ from typing import Any
 
 from ccr import config
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import inspect, jobs, slurm
+from ccr.controller import describe, dispatch, jobs
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.controller.slurm_restart import SlurmRestart
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_time import parse_slurm_time
 
@@ -66,7 +67,7 @@ def create(
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
         tcp_established=tcp_established or config.tcp_established_default(),
     )
-    return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
+    return dispatch.create(Runtime.from_env(), _ref(ref), opts)
 
 
 def restart(
@@ -77,22 +78,21 @@ def restart(
     max_wait: float | None = None,
     rename: bool = False,
     tcp_established: bool = False,
-) -> list[rst.RestartResult]:
+    new_job: bool = False,
+) -> list[rst.RestartResult] | SlurmRestart:
     """Restore a job or step from its newest checkpoint, or the checkpoint at a path
-    (`ccr restart`)."""
-    rt = Runtime.from_env()
-    path = ref if isinstance(ref, Path) else rst.checkpoint_path(str(ref))
-    if path is not None:
-        return rst.restart_path(rt, path, stick_to_nodes, max_wait, tcp_established)
-    return rst.restart(
-        rt,
-        _ref(str(ref)),
-        Path(image_dir) if image_dir else None,
-        stick_to_nodes,
-        max_wait,
-        rename,
-        tcp_established,
+    (`ccr restart`): the restored steps; a multi-node checkpoint is handed to Slurm, which
+    restores it (requeued, or submitted as a new job with new_job): what Slurm was asked."""
+    opts = rst.RestartOptions(
+        image_dir=Path(image_dir) if image_dir else None,
+        stick_to_nodes=stick_to_nodes,
+        max_wait=max_wait,
+        rename=rename,
+        tcp_established=tcp_established or config.tcp_established_default(),
+        new_job=new_job,
     )
+    done = dispatch.restart(Runtime.from_env(), ref, opts)
+    return done.slurm if done.slurm is not None else done.steps
 
 
 def status(job_id: int | str) -> dict[str, Any]:
@@ -107,11 +107,10 @@ def cancel(ref: str | int) -> list[str]:
 
 def show(target: str | Path) -> list[dict[str, Any]]:
     """What `ccr show --json` prints."""
-    return inspect.show(Runtime.from_env(), str(target))
+    return describe.show(Runtime.from_env(), str(target))
 
 
-def verify(checkpoint: str | Path) -> None:
-    """Raise ccr.errors.IntegrityError unless every step of the checkpoint verifies."""
-    rt = Runtime.from_env()
-    for step_dir in inspect.resolve(rt, str(checkpoint)):
-        rst.load_image(rt, step_dir)
+def verify(checkpoint: str | Path) -> list[Path]:
+    """Raise ccr.errors.IntegrityError unless every step (every rank) of the checkpoint, or of
+    a job's newest one, verifies; return the image directories verified (`ccr verify`)."""
+    return describe.verify(Runtime.from_env(), str(checkpoint))

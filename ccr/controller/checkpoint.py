@@ -19,6 +19,7 @@ from ccr.engines.criu import Criu
 from ccr.engines.taskcreds import refuse_foreign_tasks
 from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
 from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.storage import layout
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
     CheckpointSeries,
@@ -129,7 +130,7 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
         if job.disabled:
             raise JobStateError(f"checkpoints of job {ref.job_id} are disabled")
         steps = _live_steps(db, ref)
-    image_dir = opts.image_dir or Path(job.checkpoint_dir)
+    image_dir = layout.default_image_dir(job, opts.image_dir)
     keep = opts.keep if opts.keep is not None else job.keep
     # Once the checkpoint is being published, Ctrl-C no longer undoes it: the shield (entered
     # by _create_locked) defers the signal to the caller, who asks interrupts.pending().

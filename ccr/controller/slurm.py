@@ -28,7 +28,6 @@ from typing import IO, Any
 from ccr import config, identity
 from ccr.controller import checkpoint as ckpt
 from ccr.controller import supervisor as sup
-from ccr.controller.restart import default_image_dir
 from ccr.controller.runtime import Runtime
 from ccr.engines import slurm
 from ccr.engines.compression import Codec
@@ -36,6 +35,7 @@ from ccr.errors import (
     CcrError,
     JobStateError,
     MaxWaitExceeded,
+    NotFoundError,
     StorageError,
     UsageError,
     error_for_code,
@@ -49,6 +49,7 @@ from ccr.ids import (
     expand_filename_pattern,
     output_name,
 )
+from ccr.storage import layout
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
     CheckpointSeries,
@@ -56,7 +57,7 @@ from ccr.storage.imageset import (
     make_private_dir,
     prepare_image_dir,
 )
-from ccr.storage.manifest import JOB_MANIFEST, JobManifest, read_verified, write_signed
+from ccr.storage.manifest import JOB_MANIFEST, JobManifest, write_signed
 
 REPORT = "ccr-node-report "
 DECISION_WAIT = 300.0  # how long a node waits for commit/abort without a MaxWait
@@ -178,87 +179,26 @@ def record_task(rt: Runtime, step: StepId, rank: int | None = None, ntasks: int 
 
 
 # ------------------------------------------------------------------ distributed images
-@dataclass
-class DistImage:
-    """One step of a multi-node checkpoint: a directory of rank sub-directories."""
-
-    gen: Path
-    step_id: int
-    step_dir: Path
-    ranks: dict[int, str]  # rank -> node it was dumped on
-    created: float
-
-    @property
-    def ntasks(self) -> int:
-        return len(self.ranks)
-
-
-def _dist_steps(gen: Path, key: bytes | None) -> list[DistImage]:
-    manifest = gen / JOB_MANIFEST
-    if not manifest.exists():
-        return []
-    try:
-        raw = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return []
-    if "ranks" not in raw:
-        return []
-    data = read_verified(manifest, key)
-    single = data.get("step_ref")
-    return [
-        DistImage(
-            gen=gen,
-            step_id=int(sid),
-            step_dir=gen if single is not None else gen / sid,
-            ranks={int(r): str(n) for r, n in ranks.items()},
-            created=float(data.get("created", 0.0)),
-        )
-        for sid, ranks in data["ranks"].items()
-    ]
-
-
-def find_dist(rt: Runtime, image_dir: Path, ref: JobRef) -> list[DistImage]:
-    """The newest multi-node checkpoint of each step ref names (job- or step-level series)."""
-    key = rt.manifest_key(create=False)
-    names = [checkpoint_name(JobRef(ref.job_id))]
-    if ref.step_id is not None:
-        names.append(checkpoint_name(JobRef(ref.job_id, ref.step_id)))
-    elif image_dir.is_dir():
-        prefix = f"{ref.job_id}."
-        names += sorted(
-            p.name
-            for p in image_dir.iterdir()
-            if p.is_symlink() and p.name.startswith(prefix) and p.name.endswith(".ckpt")
-        )
-    best: dict[int, DistImage] = {}
-    for name in names:
-        gen = CheckpointSeries(image_dir, name).newest()
-        if gen is None:
-            continue
-        for image in _dist_steps(gen.path, key):
-            if ref.step_id not in (None, image.step_id):
-                continue
-            if image.step_id not in best or image.created > best[image.step_id].created:
-                best[image.step_id] = image
-    return [best[s] for s in sorted(best)]
-
-
 def rank_image(rt: Runtime, step: StepId, image_dir: Path) -> Path | None:
-    """The rank directory this task resumes from, if its step has a multi-node checkpoint."""
+    """The rank directory this task resumes from, if its step's newest checkpoint is a
+    multi-node one."""
     task = slurm.TaskEnv.from_env()
     if task.job_id is None or not image_dir.is_dir():
         return None
-    found = find_dist(rt, image_dir, JobRef(step.job_id, step.step_id))
-    if not found:
+    try:
+        found = layout.newest(image_dir, JobRef(step.job_id, step.step_id), rt.manifest_key(False))
+    except NotFoundError:
         return None
     image = found[0]
+    if not image.multi_node:
+        return None
     rank = task.rank if task.rank is not None else 0
     if image.ntasks != task.ntasks:
         raise JobStateError(
-            f"checkpoint {image.step_dir} holds {image.ntasks} tasks but step {step} has "
+            f"checkpoint {image.path} holds {image.ntasks} tasks but step {step} has "
             f"{task.ntasks}: run it with the same task count (srun -n{image.ntasks})"
         )
-    return image.step_dir / str(rank)
+    return image.rank_dir(rank)
 
 
 # ------------------------------------------------------------------ coordinator
@@ -284,13 +224,6 @@ def requeue_if_slurm(ref: JobRef) -> bool:
         return False
     slurm.requeue(ref.job_id)
     return True
-
-
-def create_any(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.CheckpointResult:
-    """`ccr create`: through Slurm for a Slurm job not (only) on this node, else locally."""
-    if distributed(rt, ref):
-        return create(rt, ref, opts)
-    return ckpt.create(rt, ref, opts)
 
 
 @dataclass
@@ -347,7 +280,7 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
     if published is None:
         # Nodes that never answered (MaxWait) may still have made the staging directory.
         dirs = {Path(r["image_dir"]) for r in rnd.reports if r.get("image_dir")}
-        dirs.add(opts.image_dir.resolve() if opts.image_dir else default_image_dir(rt, ref.job_id))
+        dirs.add(rt.image_dir(ref.job_id, opts.image_dir).resolve())
         for image_dir in dirs:
             discard(image_dir / staging_name)
         assert problem is not None
@@ -501,7 +434,7 @@ def node_checkpoint(
         _emit({"ok": False, "node": node, "error": "checkpoints are disabled", "code": 4})
         return 4
     try:
-        base = prepare_image_dir(image_dir or Path(job.checkpoint_dir), mkdir=mkdir)
+        base = prepare_image_dir(layout.default_image_dir(job, image_dir), mkdir=mkdir)
         with rt.job_lock(ref.job_id, max_wait):
             return _dump_and_decide(rt, ref, steps, base, staging_name, stop, deadline, codec)
     except CcrError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccr import identity
-from ccr.errors import NotFoundError, StorageError, UsageError
+from ccr.errors import StorageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
@@ -252,42 +252,6 @@ class CheckpointSeries:
                 pid = int(match.group("pid"))
                 if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
                     shutil.rmtree(entry, ignore_errors=True)
-
-
-_LINK = re.compile(r"^(?P<job>\d+)(?:\.(?P<step>\d+))?\.ckpt$")
-
-
-def checkpoints_in(image_dir: Path) -> list[tuple[int, int | None, str]]:
-    """The checkpoint names in image_dir: (job id, step id or None for a whole job, name)."""
-    try:
-        entries = [entry.name for entry in image_dir.iterdir()]
-    except OSError:
-        return []
-    found = []
-    for name in entries:
-        match = _LINK.match(name)
-        if match:
-            step = match.group("step")
-            found.append((int(match.group("job")), None if step is None else int(step), name))
-    return sorted(found, key=lambda item: (item[0], -1 if item[1] is None else item[1]))
-
-
-def checkpoint_step_dirs(path: Path) -> list[Path]:
-    """The step checkpoint directories a path names: a `.ckpt` link, a generation, or a step
-    directory inside a whole-job generation.  Raises UsageError for anything else."""
-    target = path.resolve()
-    if (target / MANIFEST).is_file():
-        return [target]
-    if (target / JOB_MANIFEST).is_file():
-        return sorted(p for p in target.iterdir() if p.is_dir() and p.name.isdigit())
-    if not target.exists():
-        raise NotFoundError(f"{path} does not exist")
-    raise UsageError(f"{path} is not a ccr checkpoint (no {MANIFEST} or {JOB_MANIFEST} in it)")
-
-
-def series_dir(step_dir: Path) -> Path:
-    """The image directory holding the checkpoint series that step_dir belongs to."""
-    return step_dir.parent.parent if (step_dir.parent / JOB_MANIFEST).is_file() else step_dir.parent
 
 
 FAST_SCRATCH = Path(os.environ.get("CCR_SCRATCH", "/dev/shm"))
