@@ -86,7 +86,8 @@ def restart(
     ref = named
     image_dir = rt.image_dir(ref.job_id, opts.image_dir)
     try:
-        steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
+        with rst.nothing_restored_if_interrupted():
+            steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
     except NotFoundError:
         steps = []  # rst.restart says what the directory holds instead
     if any(s.multi_node for s in steps):

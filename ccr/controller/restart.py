@@ -340,7 +340,7 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
     """Restore every step that ref names from its newest checkpoint, each under a supervisor
     (a multi-node one is refused: controller.dispatch hands it to Slurm)."""
     image_dir = rt.image_dir(ref.job_id, opts.image_dir)
-    with _nothing_restored_if_interrupted():
+    with nothing_restored_if_interrupted():
         steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
         refuse_multi_node(steps, f"restart it through Slurm (ccr restart {ref.job_id})")
         images = [as_step(load_image(rt, s.path, full=False), s.step, opts.rename) for s in steps]
@@ -391,7 +391,7 @@ def images_at(rt: Runtime, path: Path) -> list[StepImage]:
 
 def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
-    with _nothing_restored_if_interrupted():
+    with nothing_restored_if_interrupted():
         images = images_at(rt, path)
     return restart_images(
         rt,
@@ -461,7 +461,7 @@ def restart_images(
 
 
 @contextmanager
-def _nothing_restored_if_interrupted() -> Iterator[None]:
+def nothing_restored_if_interrupted() -> Iterator[None]:
     """An interrupt before any restore began (while finding and verifying images)."""
     try:
         yield
