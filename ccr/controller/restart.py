@@ -153,7 +153,7 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
     openfiles.refuse_if_needed(file_plans(image), str(image.step))
 
 
-def generation_of(path: Path) -> int:
+def image_generation(path: Path) -> int:
     """The generation number of an image dir (`42.0.ckpt.7`, `42.ckpt.7/0`, `42.ckpt.7/0/1`);
     0 for a copy not named like one."""
     return layout.generation_number(layout.generation_of(path)) or 0
@@ -161,7 +161,7 @@ def generation_of(path: Path) -> int:
 
 def file_plans(image: StepImage) -> list[openfiles.FilePlan]:
     """What a restart of image would do to each file the job was writing (changes nothing)."""
-    return openfiles.plan(image.manifest.written_files, generation_of(image.path))
+    return openfiles.plan(image.manifest.written_files, image_generation(image.path))
 
 
 def _major(version: str) -> int:
@@ -271,7 +271,7 @@ def restore_into(
         # the size it recorded, and the job the contents it wrote); planned again here, as
         # files may have changed since preflight looked.
         undo_files = openfiles.put_back(
-            file_plans(image), raw_dir, generation_of(image.path), str(image.step)
+            file_plans(image), raw_dir, image_generation(image.path), str(image.step)
         )
         # CRIU reports no progress: a spinner names the phase instead of a blank screen.
         # A tree dumped with its TCP connections is restored with them; the supervisor's

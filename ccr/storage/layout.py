@@ -151,14 +151,16 @@ def _step_ids(path: Path) -> StepId | None:
 
 
 def generation_steps(
-    generation: Path, key: bytes | None, job_id: int | None = None
+    generation: Path, key: bytes | None, named: JobRef | None = None
 ) -> list[StepCheckpoint]:
-    """Every step a generation holds.  job_id: the job its name says (None: its manifests')."""
+    """Every step a generation holds, under the ids its series' name says (named; a renamed
+    copy is then told by its manifests), else under its manifests' own."""
     if (generation / MANIFEST).is_file():
         step = _step_ids(generation)
         if step is None:
             raise UsageError(f"{generation} is not a ccr checkpoint (unreadable {MANIFEST})")
-        step = step if job_id is None else StepId(job_id, step.step_id)
+        if named is not None:
+            step = StepId(named.job_id, step.step_id if named.step_id is None else named.step_id)
         return [StepCheckpoint(step, generation, generation, _created(generation / MANIFEST))]
     if not (generation / JOB_MANIFEST).is_file():
         raise UsageError(
@@ -166,10 +168,10 @@ def generation_steps(
         )
     data = _job_manifest(generation, key)
     try:
-        job = int(data["job_id"]) if job_id is None else job_id
+        job = int(data["job_id"]) if named is None else named.job_id
+        created = float(data.get("created", 0.0))
     except (KeyError, TypeError, ValueError):
         raise IntegrityError(f"malformed job manifest {generation / JOB_MANIFEST}") from None
-    created = float(data.get("created", 0.0))
     if "ranks" in data:  # multi-node: the generation's steps are the job manifest's
         single = data.get("step_ref")
         out = []
@@ -269,18 +271,16 @@ def newest(image_dir: Path, ref: JobRef, key: bytes | None) -> list[StepCheckpoi
     if not os.access(image_dir, os.R_OK | os.X_OK):
         raise StorageError(f"image directory {image_dir} is not readable")
     present = checkpoints_in(image_dir)
-    names = [checkpoint_name(JobRef(ref.job_id))]
-    names += [
-        n for j, s, n in present if j == ref.job_id and s is not None and ref.step_id in (None, s)
-    ]
-    if ref.step_id is not None and checkpoint_name(ref) not in names:
-        names.append(checkpoint_name(ref))
+    series = [JobRef(ref.job_id)]  # the whole job's, then each step's
+    series += [JobRef(j, s) for j, s, _ in present if j == ref.job_id and s is not None]
+    if ref.step_id is not None:
+        series = [JobRef(ref.job_id), ref]
     best: dict[int, StepCheckpoint] = {}
-    for name in names:
-        gen = CheckpointSeries(image_dir, name).newest()
+    for named in series:
+        gen = CheckpointSeries(image_dir, checkpoint_name(named)).newest()
         if gen is None:
             continue
-        for step in generation_steps(gen.path, key, ref.job_id):
+        for step in generation_steps(gen.path, key, named):
             sid = step.step.step_id
             if ref.step_id not in (None, sid):
                 continue
