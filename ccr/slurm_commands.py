@@ -19,6 +19,8 @@ def node_checkpoint(
     max_wait: Optional[float] = typer.Option(None, "--max-wait"),
     compress: str = typer.Option("zstd:1", "--compress"),
     mkdir: bool = typer.Option(False, "--mkdir"),
+    keep: Optional[int] = typer.Option(None, "--keep"),
+    tcp_established: bool = typer.Option(False, "--tcp-established"),
 ) -> None:
     """Dump this node's tasks of a job for `ccr create` (one task per node of an srun step)."""
     from ccr.controller import slurm as slurmctl  # not for every other command's start-up
@@ -33,6 +35,8 @@ def node_checkpoint(
         max_wait,
         parse_codec(compress),
         mkdir,
+        keep,
+        tcp_established,
     )
     raise typer.Exit(code)
 

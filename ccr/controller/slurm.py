@@ -268,7 +268,7 @@ def distributed(rt: Runtime, ref: JobRef) -> bool:
         job = db.find_job(ref.job_id)
     if job is not None:
         steps = [s for s in job.steps if ref.step_id in (None, s.step_id)]
-        live = [s for s in steps if ckpt._is_live(s)]
+        live = [s for s in steps if ckpt.is_live(s)]
         if any(s.ntasks > 1 or s.nnodes > 1 for s in live):
             return True
         if live:
@@ -317,6 +317,8 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
     cmd = [*slurm.ccr_command(), "_node-checkpoint", str(ref), "--staging", staging_name]
     cmd += ["--compress", opts.codec.spec] + (["--stop"] if opts.stop else [])
     cmd += ["--mkdir"] if opts.mkdir else []
+    cmd += ["--tcp-established"] if opts.tcp_established else []
+    cmd += ["--keep", str(opts.keep)] if opts.keep is not None else []
     if opts.image_dir is not None:
         cmd += ["--image-dir", str(opts.image_dir.resolve())]
     if opts.max_wait is not None:
@@ -338,12 +340,13 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
             image_dir = Path(next(r["image_dir"] for r in rnd.reports if r.get("tasks")))
             staging = image_dir / staging_name
             published = _publish(rt, ref, image_dir, staging, name, rnd, started)
-    except BaseException:
-        _finish(proc, "abort", lines, rnd, err_thread)
+    except BaseException as exc:
+        _finish(proc, abort_line(exc), lines, rnd, err_thread)
         if staging is not None and published is None:
             discard(staging)
         raise
-    _finish(proc, f"commit {published}" if published else "abort", lines, rnd, err_thread)
+    decision = f"commit {published}" if published else abort_line(problem or CcrError("?"))
+    _finish(proc, decision, lines, rnd, err_thread)
     if published is None:
         # Nodes that never answered (MaxWait) may still have made the staging directory.
         dirs = {Path(r["image_dir"]) for r in rnd.reports if r.get("image_dir")}
@@ -352,8 +355,8 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
             discard(image_dir / staging_name)
         assert problem is not None
         raise problem
+    # Each node prunes the series to the job's keep when it commits (run_checkpoint).
     series = CheckpointSeries(published.parent, name)
-    series.prune(opts.keep or 2)
     tasks = [t for r in rnd.reports for t in r.get("tasks", [])]
     return ckpt.CheckpointResult(
         ref=ref,
@@ -482,8 +485,14 @@ def node_checkpoint(
     max_wait: float | None,
     codec: Codec,
     mkdir: bool = False,
+    keep: int | None = None,
+    tcp_established: bool = False,
 ) -> int:
-    """`ccr _node-checkpoint`: dump this node's tasks of ref, report, then commit or roll back."""
+    """`ccr _node-checkpoint`: dump this node's tasks of ref, report, then commit or roll back.
+
+    The dump is checkpoint.run_checkpoint's, as for a job on one node ("Began at", last
+    error, the job's keep, GPU rollback); only the decision is the coordinator's.
+    """
     node = slurm.node_name()
     deadline = None if max_wait is None else time.monotonic() + max_wait
     with rt.registry() as db:
@@ -491,101 +500,116 @@ def node_checkpoint(
         steps = (
             []
             if job is None
-            else [s for s in job.steps if ckpt._is_live(s) and ref.step_id in (None, s.step_id)]
+            else [s for s in job.steps if ckpt.is_live(s) and ref.step_id in (None, s.step_id)]
         )
     if job is None or not steps:
         _emit({"ok": True, "node": node, "tasks": [], "image_dir": None})
         _decision(deadline)
         return 0
     if job.disabled:
-        _emit({"ok": False, "node": node, "error": "checkpoints are disabled", "code": 4})
-        return 4
+        code = JobStateError.exit_code
+        _emit({"ok": False, "node": node, "error": "checkpoints are disabled", "code": code})
+        return code
+    opts = ckpt.CheckpointOptions(
+        image_dir=image_dir,
+        max_wait=max_wait,
+        stop=stop,
+        keep=keep,
+        codec=codec,
+        mkdir=mkdir,
+        tcp_established=tcp_established,
+    )
+    base = image_dir or Path(job.checkpoint_dir)
+    staging = NodeStaging(ref, node, base, staging_name, mkdir, deadline)
     try:
-        base = prepare_image_dir(image_dir or Path(job.checkpoint_dir), mkdir=mkdir)
-        with rt.job_lock(ref.job_id, max_wait):
-            return _dump_and_decide(rt, ref, steps, base, staging_name, stop, deadline, codec)
+        ckpt.run_checkpoint(rt, ref, job, steps, opts, staging)
     except CcrError as exc:
+        if staging.reported:  # the coordinator said abort (or nothing): all rolled back
+            print(f"ccr: {node}: checkpoint of {ref} rolled back ({exc})")
+            return 0
         _emit({"ok": False, "node": node, "error": str(exc), "code": exit_code_for(exc)})
         return exit_code_for(exc)
-
-
-def _dump_and_decide(
-    rt: Runtime,
-    ref: JobRef,
-    steps: list[reg.StepRecord],
-    base: Path,
-    staging_name: str,
-    stop: bool,
-    deadline: float | None,
-    codec: Codec,
-) -> int:
-    node = slurm.node_name()
-    key = rt.manifest_key(create=True)
-    assert key is not None
-    criu = rt.criu()
-    version = criu.version()
-    opts = ckpt.CheckpointOptions(image_dir=base, stop=stop, codec=codec)
-    touched: list[reg.StepRecord] = []
-    tasks: list[dict[str, Any]] = []
-    made: list[Path] = []
-    try:
-        for step in steps:
-            rank = step.rank if step.rank is not None else 0
-            rank_dir = base / staging_name
-            make_private_dir(rank_dir)  # 0700 at every level, whatever the umask
-            if ref.step_id is None:
-                rank_dir = rank_dir / str(step.step_id)
-                make_private_dir(rank_dir)
-            rank_dir = rank_dir / str(rank)
-            make_private_dir(rank_dir)
-            made.append(rank_dir)
-            touched.append(step)
-            if stop:
-                with rt.registry() as db:
-                    if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
-                        raise JobStateError(f"step {step.id} stopped running")
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            m = ckpt._dump_step(rt, criu, version, step, rank_dir, opts, left, key)
-            tasks.append(
-                {
-                    "step": step.step_id,
-                    "rank": rank,
-                    "ntasks": step.ntasks,
-                    "node": node,
-                    "frozen": m.frozen_time,
-                    "image_bytes": m.image_bytes,
-                    "stored_bytes": m.stored_bytes,
-                }
-            )
-    except BaseException:
-        ckpt._resume(rt, touched)
-        for path in made:
-            discard(path)
-        raise
-    _emit({"ok": True, "node": node, "tasks": tasks, "image_dir": str(base)})
-    decision = _decision(deadline)
-    if not decision.startswith("commit "):
-        ckpt._resume(rt, touched)
-        print(f"ccr: {node}: checkpoint of {ref} rolled back ({decision or 'no decision'})")
-        return 0
-    if stop:
-        ckpt._kill_vacated(rt, touched)
-    with rt.registry() as db:
-        db.update_job(ref.job_id, last_error=None, last_error_code=0)
-        for t in tasks:
-            db.add_checkpoint(
-                reg.CheckpointRecord(
-                    job_id=ref.job_id,
-                    step_id=int(t["step"]),
-                    path=decision.split(" ", 1)[1],
-                    created=time.time(),
-                    stored_bytes=int(t["stored_bytes"]),
-                    image_bytes=int(t["image_bytes"]),
-                    frozen_time=float(t["frozen"]),
-                    total_time=0.0,
-                )
-            )
     return 0
+
+
+class NodeStaging:
+    """This node's share of a multi-node checkpoint: `<staging>/[<stepid>/]<rank>/` in the
+    shared image directory; the coordinator publishes the whole staging directory."""
+
+    def __init__(
+        self,
+        ref: JobRef,
+        node: str,
+        image_dir: Path,
+        staging_name: str,
+        mkdir: bool,
+        deadline: float | None,
+    ) -> None:
+        self.ref = ref
+        self.node = node
+        self.image_dir = image_dir
+        self.staging_name = staging_name
+        self.mkdir = mkdir
+        self.deadline = deadline
+        self.base: Path | None = None
+        self.made: list[Path] = []
+        self.reported = False
+
+    def dir_for(self, step: reg.StepRecord) -> Path:
+        if self.base is None:
+            self.base = prepare_image_dir(self.image_dir, mkdir=self.mkdir)
+        rank_dir = self.base / self.staging_name
+        make_private_dir(rank_dir)  # 0700 at every level, whatever the umask
+        if self.ref.step_id is None:
+            rank_dir = rank_dir / str(step.step_id)
+            make_private_dir(rank_dir)
+        rank_dir = rank_dir / str(step.rank if step.rank is not None else 0)
+        make_private_dir(rank_dir)
+        self.made.append(rank_dir)
+        return rank_dir
+
+    def remove(self) -> None:
+        for path in self.made:
+            discard(path)
+
+    def decide(self, pending: ckpt.PendingCheckpoint) -> Path:
+        """Report what this node dumped; the coordinator's word: published where, or why not."""
+        tasks = [
+            {
+                "step": step.step_id,
+                "rank": step.rank if step.rank is not None else 0,
+                "ntasks": step.ntasks,
+                "node": self.node,
+                "frozen": m.frozen_time,
+                "image_bytes": m.image_bytes,
+                "stored_bytes": m.stored_bytes,
+            }
+            for step, m in pending.dumped
+        ]
+        _emit({"ok": True, "node": self.node, "tasks": tasks, "image_dir": str(self.base)})
+        self.reported = True
+        decision = _decision(self.deadline)
+        verb, _, rest = decision.partition(" ")
+        if verb == "commit" and rest:
+            return Path(rest)
+        if verb == "abort" and rest:
+            code, _, message = rest.partition(" ")
+            if code.isdigit() and message:
+                raise error_for_code(int(code), message)
+        raise CcrError(
+            f"checkpoint of {self.ref}: the coordinator sent {decision!r}"
+            if decision
+            else f"checkpoint of {self.ref}: no decision from the coordinator in time"
+        )
+
+    def abandoned(self, exc: MaxWaitExceeded) -> MaxWaitExceeded:
+        return exc  # the coordinator says what it means for the whole job
+
+
+def abort_line(exc: BaseException) -> str:
+    """The decision that aborts a multi-node checkpoint, with why (each node records it)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return f"abort {exit_code_for(exc)} {message}"
 
 
 def _emit(report: dict[str, Any]) -> None:

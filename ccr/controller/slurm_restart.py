@@ -19,7 +19,7 @@ from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import slurm
-from ccr.errors import CcrError, IntegrityError, JobStateError, StorageError, UsageError
+from ccr.errors import CcrError, IntegrityError, JobStateError, UsageError
 from ccr.ids import JobRef, StepId
 
 RESTARTABLE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"}
@@ -181,13 +181,13 @@ def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: fl
     if task.ntasks != image.ntasks or rank not in image.ranks:
         raise JobStateError(f"{gen} holds {image.ntasks} ranks; this step has {task.ntasks}")
     loaded = rst.load_image(rt, image.step_dir / str(rank), full=False)
-    rst.check_criu_version(rt, loaded)
-    if not Path(loaded.manifest.cwd).is_dir():
-        raise StorageError(f"working directory {loaded.manifest.cwd} no longer exists")
     new = StepId(task.job_id, task.step_id)
     moved = rst.StepImage(
         loaded.path, replace(loaded.manifest, job_id=new.job_id, step_id=new.step_id)
     )
+    # The checks of every other restore: owner and uid, CRIU version, GPU, a live step of
+    # that id, the working directory, the files it writes (StickToNodes is by rank, above).
+    rst.preflight(rt, moved, stick_to_nodes=False)
     image_dir = gen.parent
     with rt.registry() as db:
         db.ensure_job(new.job_id, str(image_dir), checkpoint_dir=str(image_dir))
