@@ -21,9 +21,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ccr import config, identity
 from ccr.controller import checkpoint as ckpt
@@ -307,11 +308,28 @@ def _pump(stream: IO[str], sink: queue.Queue[str | None]) -> None:
     sink.put(None)
 
 
-def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.CheckpointResult:
-    """Checkpoint every task of a Slurm job on every node; publish only if all succeeded."""
+class Launcher(Protocol):
+    """Starts one `ccr _node-checkpoint` per node (slurm.srun_overlap; a fake in tests)."""
+
+    def __call__(self, job_id: int, nodes: list[str], command: list[str]) -> Any: ...
+
+
+def create(
+    rt: Runtime,
+    ref: JobRef,
+    opts: ckpt.CheckpointOptions,
+    *,
+    nodes_of: Callable[[int], list[str]] = slurm.running_nodes,
+    launch: Launcher = slurm.srun_overlap,
+) -> ckpt.CheckpointResult:
+    """Checkpoint every task of a Slurm job on every node; publish only if all succeeded.
+
+    nodes_of and launch are Slurm's (the job's nodes, an overlapping step); the process
+    launch returns is read like srun's: node reports on stdout, the decision on stdin.
+    """
     started = time.monotonic()
     deadline = None if opts.max_wait is None else started + opts.max_wait
-    nodes = slurm.running_nodes(ref.job_id)
+    nodes = nodes_of(ref.job_id)
     name = checkpoint_name(ref)
     staging_name = f".{name}.dist-{os.getpid()}-{secrets.token_hex(4)}"
     cmd = [*slurm.ccr_command(), "_node-checkpoint", str(ref), "--staging", staging_name]
@@ -323,7 +341,7 @@ def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.Check
         cmd += ["--image-dir", str(opts.image_dir.resolve())]
     if opts.max_wait is not None:
         cmd += ["--max-wait", f"{opts.max_wait:g}"]
-    proc = slurm.srun_overlap(ref.job_id, nodes, cmd)
+    proc = launch(ref.job_id, nodes, cmd)
     assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
     lines: queue.Queue[str | None] = queue.Queue()
     rnd = _Round()
