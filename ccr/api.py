@@ -7,7 +7,7 @@ from typing import Any
 
 from ccr import config
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import inspect, jobs, slurm
+from ccr.controller import coordinator, inspect, jobs
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
@@ -66,7 +66,7 @@ def create(
         codec=ckpt.parse_codec(compress) if compress else ckpt.default_codec(),
         tcp_established=tcp_established or config.tcp_established_default(),
     )
-    return slurm.create_any(Runtime.from_env(), _ref(ref), opts)
+    return coordinator.create_any(Runtime.from_env(), _ref(ref), opts)
 
 
 def restart(

@@ -28,10 +28,9 @@ from ccr.slurm_time import format_seconds, parse_slurm_time
 
 if TYPE_CHECKING:
     from ccr.controller import checkpoint as ckpt
-    from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
+    from ccr.controller import convert, coordinator, doctor, inspect, jobs, multinode_restart
     from ccr.controller import restart as rst
     from ccr.controller import run as runner
-    from ccr.controller import slurm as slurmctl
     from ccr.controller import supervisor as sup
     from ccr.engines.compression import Codec
     from ccr.storage import imageset
@@ -45,10 +44,10 @@ else:
     doctor = lazy_module("ccr.controller.doctor")
     inspect = lazy_module("ccr.controller.inspect")
     jobs = lazy_module("ccr.controller.jobs")
-    slurm_restart = lazy_module("ccr.controller.slurm_restart")
+    multinode_restart = lazy_module("ccr.controller.multinode_restart")
     rst = lazy_module("ccr.controller.restart")
     runner = lazy_module("ccr.controller.run")
-    slurmctl = lazy_module("ccr.controller.slurm")
+    coordinator = lazy_module("ccr.controller.coordinator")
     sup = lazy_module("ccr.controller.supervisor")
     imageset = lazy_module("ccr.storage.imageset")
 
@@ -395,7 +394,7 @@ def _create(
         mkdir=mkdir,
         tcp_established=_tcp(tcp_established),
     )
-    result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
+    result = _showing_progress(lambda: coordinator.create_any(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
     details = [
         f"  step {m.job_id}.{m.step_id}: {m.stats.get('pages_written', 0)} pages written, "
@@ -479,7 +478,7 @@ def _restart(
         )
     else:
         ref = _ref(target)
-        dist = slurm_restart.restart_if_distributed(
+        dist = multinode_restart.restart_if_distributed(
             Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
         )
         if dist is not None:
@@ -773,7 +772,7 @@ def cp_requeue(
     """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
-    slurmctl.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
+    coordinator.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
 
 
 @checkpoint_app.command("restart")

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from ccr.controller import checkpoint as ckpt
-from ccr.controller import slurm as coord
+from ccr.controller import coordinator as coord
+from ccr.controller import node_participant as node
 from ccr.controller.runtime import Runtime
 from ccr.engines.compression import parse_codec
 from ccr.errors import CriuError, JobStateError, MaxWaitExceeded
@@ -75,7 +76,7 @@ class FakeNodes:
                 rank_dir = self.image_dir / staging / str(task["step"]) / str(task["rank"])
                 rank_dir.mkdir(parents=True, exist_ok=True)
                 (rank_dir / "manifest.json").write_text("{}")
-            lines.append(coord.REPORT + json.dumps(report) + "\n")
+            lines.append(node.REPORT + json.dumps(report) + "\n")
         stdout: Any = (
             _Blocking(lines, self.release)
             if None in self.reports.values()
@@ -183,9 +184,9 @@ def test_a_silent_node_runs_into_maxwait(rt: Runtime, tmp_path: Path) -> None:
 def test_a_node_reads_the_decision(
     line: str, published: str | None, error: type[Exception] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(coord, "_decision", lambda deadline: line)
-    monkeypatch.setattr(coord, "_emit", lambda report: None)
-    staging = coord.NodeStaging(JobRef(42), "n1", Path("/x"), ".s", False, None)
+    monkeypatch.setattr(node, "_decision", lambda deadline: line)
+    monkeypatch.setattr(node, "_emit", lambda report: None)
+    staging = node.NodeStaging(JobRef(42), "n1", Path("/x"), ".s", False, None)
     pending: Any = type("P", (), {"dumped": []})()
     if error is None:
         assert staging.decide(pending) == Path(str(published))
@@ -198,9 +199,9 @@ def test_a_node_reads_the_decision(
 
 
 def test_abort_line_is_one_line_with_the_code() -> None:
-    line = coord.abort_line(JobStateError("two\nlines"))
+    line = node.abort_line(JobStateError("two\nlines"))
     assert line == f"abort {JobStateError.exit_code} two lines"
-    assert coord.abort_line(KeyboardInterrupt()).startswith("abort ")
+    assert node.abort_line(KeyboardInterrupt()).startswith("abort ")
 
 
 def test_registry_is_untouched_by_the_coordinator(rt: Runtime, tmp_path: Path) -> None:

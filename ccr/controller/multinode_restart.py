@@ -1,5 +1,9 @@
 """Restart a multi-node checkpoint inside Slurm: requeue the same job, or submit a new one.
 
+A multi-node checkpoint is a directory of rank directories per step (`J.ckpt.N/<step>/<rank>/`,
+its job.json naming each rank's node): find_dist finds the newest one of a job or step,
+rank_image the directory a requeued task resumes from.
+
 Either way every rank is restored by a ccr task of a Slurm step (`srun ccr _restore-rank`, or
 the requeued batch script's own `srun ccr run`), which restores its rank's image as its child
 and waits for it: scancel, `scontrol listpids` and exit codes work as for any other step.
@@ -7,6 +11,7 @@ and waits for it: scancel, `scontrol listpids` and exit codes work as for any ot
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -14,15 +19,100 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ccr.controller import placement
 from ccr.controller import restart as rst
-from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
-from ccr.engines import slurm
+from ccr.engines import slurm_cli
 from ccr.errors import CcrError, IntegrityError, JobStateError, UsageError
-from ccr.ids import JobRef, StepId
+from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.storage.imageset import CheckpointSeries
+from ccr.storage.manifest import JOB_MANIFEST, read_verified
 
 RESTARTABLE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"}
+
+
+@dataclass
+class DistImage:
+    """One step of a multi-node checkpoint: a directory of rank sub-directories."""
+
+    gen: Path
+    step_id: int
+    step_dir: Path
+    ranks: dict[int, str]  # rank -> node it was dumped on
+    created: float
+
+    @property
+    def ntasks(self) -> int:
+        return len(self.ranks)
+
+
+def _dist_steps(gen: Path, key: bytes | None) -> list[DistImage]:
+    manifest = gen / JOB_MANIFEST
+    if not manifest.exists():
+        return []
+    try:
+        raw = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return []
+    if "ranks" not in raw:
+        return []
+    data = read_verified(manifest, key)
+    single = data.get("step_ref")
+    return [
+        DistImage(
+            gen=gen,
+            step_id=int(sid),
+            step_dir=gen if single is not None else gen / sid,
+            ranks={int(r): str(n) for r, n in ranks.items()},
+            created=float(data.get("created", 0.0)),
+        )
+        for sid, ranks in data["ranks"].items()
+    ]
+
+
+def find_dist(rt: Runtime, image_dir: Path, ref: JobRef) -> list[DistImage]:
+    """The newest multi-node checkpoint of each step ref names (job- or step-level series)."""
+    key = rt.manifest_key(create=False)
+    names = [checkpoint_name(JobRef(ref.job_id))]
+    if ref.step_id is not None:
+        names.append(checkpoint_name(JobRef(ref.job_id, ref.step_id)))
+    elif image_dir.is_dir():
+        prefix = f"{ref.job_id}."
+        names += sorted(
+            p.name
+            for p in image_dir.iterdir()
+            if p.is_symlink() and p.name.startswith(prefix) and p.name.endswith(".ckpt")
+        )
+    best: dict[int, DistImage] = {}
+    for name in names:
+        gen = CheckpointSeries(image_dir, name).newest()
+        if gen is None:
+            continue
+        for image in _dist_steps(gen.path, key):
+            if ref.step_id not in (None, image.step_id):
+                continue
+            if image.step_id not in best or image.created > best[image.step_id].created:
+                best[image.step_id] = image
+    return [best[s] for s in sorted(best)]
+
+
+def rank_image(rt: Runtime, step: StepId, image_dir: Path) -> Path | None:
+    """The rank directory this task resumes from, if its step has a multi-node checkpoint."""
+    task = slurm_cli.TaskEnv.from_env()
+    if task.job_id is None or not image_dir.is_dir():
+        return None
+    found = find_dist(rt, image_dir, JobRef(step.job_id, step.step_id))
+    if not found:
+        return None
+    image = found[0]
+    rank = task.rank if task.rank is not None else 0
+    if image.ntasks != task.ntasks:
+        raise JobStateError(
+            f"checkpoint {image.step_dir} holds {image.ntasks} tasks but step {step} has "
+            f"{task.ntasks}: run it with the same task count (srun -n{image.ntasks})"
+        )
+    return image.step_dir / str(rank)
 
 
 @dataclass
@@ -63,7 +153,7 @@ def restart_if_distributed(
     image_dir = (image_dir or rst.default_image_dir(rt, ref.job_id)).resolve()
     if not image_dir.is_dir():
         return None
-    images = slurmctl.find_dist(rt, image_dir, ref)
+    images = find_dist(rt, image_dir, ref)
     if not images:
         if new_job:
             raise UsageError(f"--new-job: no multi-node checkpoint of {ref} in {image_dir}")
@@ -73,12 +163,12 @@ def restart_if_distributed(
             step_image = rst.load_image(rt, image.step_dir / str(rank), full=False)
             rst.check_criu_version(rt, step_image)
             _check_tcp_between_nodes(image, step_image)
-    if not slurm.available():
+    if not slurm_cli.available():
         raise CcrError(f"{ref} is a multi-node checkpoint: restarting it needs Slurm (srun)")
     nodes = sorted({n for image in images for n in image.ranks.values()}) if stick else []
     if stick:
         _check_nodes(ref, images)
-    info = None if new_job else slurm.job_info(ref.job_id)
+    info = None if new_job else slurm_cli.job_info(ref.job_id)
     if info is not None:
         _requeue(ref, info, nodes)
         return SlurmRestart(ref, ref.job_id, "requeued", [i.step_dir for i in images], nodes)
@@ -89,7 +179,7 @@ def restart_if_distributed(
     return SlurmRestart(ref, job_id, "submitted", [images[0].step_dir], nodes)
 
 
-def _check_tcp_between_nodes(image: slurmctl.DistImage, rank: rst.StepImage) -> None:
+def _check_tcp_between_nodes(image: DistImage, rank: rst.StepImage) -> None:
     """Refuse what would come back half: TCP between nodes from a job left running.
 
     CRIU holds a network lock from a dump until the restore only when the dump stopped the
@@ -109,12 +199,12 @@ def _check_tcp_between_nodes(image: slurmctl.DistImage, rank: rst.StepImage) -> 
         )
 
 
-def _check_nodes(ref: JobRef, images: list[slurmctl.DistImage]) -> None:
+def _check_nodes(ref: JobRef, images: list[DistImage]) -> None:
     """StickToNodes: every node a rank was dumped on must be able to run it again."""
     placed = {n: (i.step_id, r) for i in images for r, n in sorted(i.ranks.items())}
-    states = slurm.node_states(sorted(placed))
+    states = slurm_cli.node_states(sorted(placed))
     for node, state in sorted(states.items()):
-        if not slurm.node_usable(state):
+        if not slurm_cli.node_usable(state):
             sid, rank = placed[node]
             raise JobStateError(
                 f"StickToNodes: node {node} (rank {rank} of {ref.job_id}.{sid}) is {state}; "
@@ -136,17 +226,17 @@ def _requeue(ref: JobRef, info: dict[str, str], nodes: list[str]) -> None:
                 f"job {ref.job_id} ({state}) cannot be requeued: restart it as a new job "
                 "(--new-job)"
             )
-        slurm.requeue(ref.job_id)
+        slurm_cli.requeue(ref.job_id)
         deadline = time.monotonic() + 30
-        while (slurm.job_info(ref.job_id) or {}).get("JobState") != "PENDING":
+        while (slurm_cli.job_info(ref.job_id) or {}).get("JobState") != "PENDING":
             if time.monotonic() > deadline:
                 raise CcrError(f"job {ref.job_id} did not become PENDING after scontrol requeue")
             time.sleep(0.2)
-    slurm.release(ref.job_id, nodes)
+    slurm_cli.release(ref.job_id, nodes)
 
 
 def _submit(
-    rt: Runtime, ref: JobRef, image: slurmctl.DistImage, nodes: list[str], max_wait: float | None
+    rt: Runtime, ref: JobRef, image: DistImage, nodes: list[str], max_wait: float | None
 ) -> int:
     """A new job of one task per rank, each restoring its rank (`ccr _restore-rank`)."""
     first = rst.load_image(rt, image.step_dir / "0", full=False).manifest
@@ -155,19 +245,19 @@ def _submit(
     args += ["--chdir", first.cwd, "--open-mode=append", "-o", f"ccr-restart-{ref.job_id}-%j.out"]
     if nodes:
         args += [f"--nodelist={','.join(nodes)}"]
-    cmd = [*slurm.ccr_command(), "_restore-rank", str(image.gen), "--step", str(image.step_id)]
+    cmd = [*slurm_cli.ccr_command(), "_restore-rank", str(image.gen), "--step", str(image.step_id)]
     cmd += ["--stick"] if nodes else []
     cmd += ["--max-wait", f"{max_wait:g}"] if max_wait is not None else []
     script = f"#!/bin/bash\nexec srun --kill-on-bad-exit=0 {shlex.join(cmd)}\n"
-    return slurm.sbatch(args, script)
+    return slurm_cli.sbatch(args, script)
 
 
 def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: float | None) -> int:
     """`ccr _restore-rank`: restore this task's rank as our child, supervise it, pass its code."""
-    task = slurm.TaskEnv.from_env()
+    task = slurm_cli.TaskEnv.from_env()
     if task.job_id is None or task.step_id is None or task.rank is None:
         raise UsageError("ccr _restore-rank runs as a task of a Slurm step (srun)")
-    found = [i for i in slurmctl._dist_steps(gen, rt.manifest_key(create=False))]
+    found = [i for i in _dist_steps(gen, rt.manifest_key(create=False))]
     image = next((i for i in found if i.step_id == step_id), None)
     if image is None:
         raise IntegrityError(f"{gen} holds no multi-node checkpoint of step {step_id}")
@@ -192,10 +282,10 @@ def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: fl
     with rt.registry() as db:
         db.ensure_job(new.job_id, str(image_dir), checkpoint_dir=str(image_dir))
         db.bump_restart_count(new.job_id)
-    settings = slurmctl.task_settings(sup.SupervisorSettings())
+    settings = placement.task_settings(sup.SupervisorSettings())
     supervisor = sup.Supervisor(rt, new, settings)
     result = rst.restore_into(rt, supervisor, moved, max_wait)
-    slurmctl.record_task(rt, new, rank=rank, ntasks=image.ntasks)
+    placement.record_task(rt, new, rank=rank, ntasks=image.ntasks)
     print(
         f"ccr: rank {rank} of {loaded.step} restored on {task.node} as {new} (pid {result.pid})",
         file=sys.stderr,
