@@ -11,8 +11,8 @@ from ccr.controller import describe, dispatch, jobs
 from ccr.controller import restart as rst
 from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
+from ccr.controller.multinode_restart import SlurmRestart
 from ccr.controller.runtime import Runtime
-from ccr.controller.slurm_restart import SlurmRestart
 from ccr.ids import JobRef, parse_job_ref
 from ccr.slurm_time import parse_slurm_time
 

@@ -28,10 +28,9 @@ from ccr.slurm_time import format_seconds, parse_slurm_time
 
 if TYPE_CHECKING:
     from ccr.controller import checkpoint as ckpt
-    from ccr.controller import convert, describe, dispatch, doctor, jobs
+    from ccr.controller import convert, coordinator, describe, dispatch, doctor, jobs
     from ccr.controller import restart as rst
     from ccr.controller import run as runner
-    from ccr.controller import slurm as slurmctl
     from ccr.controller import supervisor as sup
     from ccr.engines.compression import Codec
     from ccr.storage import layout
@@ -48,7 +47,7 @@ else:
     jobs = lazy_module("ccr.controller.jobs")
     rst = lazy_module("ccr.controller.restart")
     runner = lazy_module("ccr.controller.run")
-    slurmctl = lazy_module("ccr.controller.slurm")
+    coordinator = lazy_module("ccr.controller.coordinator")
     sup = lazy_module("ccr.controller.supervisor")
     layout = lazy_module("ccr.storage.layout")
 
@@ -750,7 +749,7 @@ def cp_requeue(
     """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
-    slurmctl.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
+    coordinator.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
 
 
 @checkpoint_app.command("restart")

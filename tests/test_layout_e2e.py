@@ -31,7 +31,8 @@ def running_step(ccr: Ccr, job: int) -> str:
 
 def multinode_checkpoint(ccr: Ccr, job: int) -> Path:
     """`J.ckpt -> J.ckpt.1/{job.json, 0/0/, 0/1/}`, as `ccr create J` of a two-node step
-    publishes it (controller/slurm.py: node dumps under `<staging>/<step>/<rank>/`, then the
+    publishes it (controller/node_participant.py: node dumps under
+    `<staging>/<step>/<rank>/`, then the
     coordinator's signed job manifest with `ranks` and `step_ref`), without Slurm: each rank
     directory holds a real CRIU dump of a real tree, and the job manifest is written and the
     generation published by ccr's own storage functions."""
@@ -114,7 +115,7 @@ def test_restart_check_and_path_of_a_multinode_checkpoint(ccr: Ccr) -> None:
 def in_process(ccr: Ccr, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """ccr's own code in this process, on ccr's state dir and work dir; Slurm's clients
     hidden (this machine has them, and a restart must not submit a job to its cluster)."""
-    from ccr.engines import slurm
+    from ccr.engines import slurm_cli as slurm
 
     monkeypatch.setenv("CCR_STATE_DIR", str(ccr.state_dir))
     monkeypatch.chdir(ccr.work)
@@ -152,8 +153,8 @@ def test_restart_dispatch_hands_multinode_checkpoints_to_the_slurm_restarter(ccr
     """The controller's one dispatch (unit level, an injected Slurm restarter): a job whose
     newest checkpoint is multi-node goes to it; a local one never does."""
     from ccr.controller import dispatch
+    from ccr.controller.multinode_restart import SlurmRestart
     from ccr.controller.runtime import Runtime
-    from ccr.controller.slurm_restart import SlurmRestart
     from ccr.ids import JobRef
 
     link = multinode_checkpoint(ccr, 72004)

@@ -10,27 +10,26 @@ from pathlib import Path
 from typing import Any
 
 from ccr.controller import checkpoint as ckpt
+from ccr.controller import coordinator, multinode_restart
 from ccr.controller import restart as rst
-from ccr.controller import slurm as slurmctl
-from ccr.controller import slurm_restart
+from ccr.controller.multinode_restart import SlurmRestart
 from ccr.controller.restart import RestartOptions, RestartResult
 from ccr.controller.runtime import Runtime
-from ccr.controller.slurm_restart import SlurmRestart
 from ccr.errors import NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
 from ccr.storage import layout
 
 __all__ = ["RestartOptions", "Restarted", "create", "restart"]
 
-# Restarts a job's multi-node checkpoint through Slurm (slurm_restart.restart_multi_node;
+# Restarts a job's multi-node checkpoint through Slurm (multinode_restart.restart_multi_node;
 # tests pass another, so that no job reaches a real cluster).
 MultiNodeRestart = Callable[[Runtime, JobRef, RestartOptions], SlurmRestart]
 
 
 def create(rt: Runtime, ref: JobRef, opts: ckpt.CheckpointOptions) -> ckpt.CheckpointResult:
     """`ccr create`: through Slurm for a Slurm job not (only) on this node, else locally."""
-    if slurmctl.distributed(rt, ref):
-        return slurmctl.create(rt, ref, opts)
+    if coordinator.distributed(rt, ref):
+        return coordinator.create(rt, ref, opts)
     return ckpt.create(rt, ref, opts)
 
 
@@ -91,7 +90,7 @@ def restart(
     except NotFoundError:
         steps = []  # rst.restart says what the directory holds instead
     if any(s.multi_node for s in steps):
-        handed = (multi_node or slurm_restart.restart_multi_node)(rt, ref, opts)
+        handed = (multi_node or multinode_restart.restart_multi_node)(rt, ref, opts)
         return Restarted(ref, handed.mode, slurm=handed)
     if opts.new_job:
         raise UsageError(f"--new-job: no multi-node checkpoint of {ref} in {image_dir}")

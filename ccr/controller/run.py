@@ -10,9 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ccr import interrupts
-from ccr.controller import relay
+from ccr.controller import multinode_restart, placement, relay
 from ccr.controller import restart as rst
-from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
@@ -102,16 +101,16 @@ def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
     cwd = Path.cwd()
     env = dict(os.environ)
-    req.settings = slurmctl.task_settings(req.settings)
+    req.settings = placement.task_settings(req.settings)
     if not req.detach:
         req.settings = replace(req.settings, confirm_interrupt=True)
     step = _resolve_step(rt, req)
     ckpt_dir = prepare_image_dir(
         layout.default_image_dir(None, req.checkpoint_dir), "checkpoint directory", req.mkdir
     )
-    env.update(slurmctl.task_exports(rt, step, ckpt_dir))
-    output = slurmctl.output_file(step, cwd, req.output, req.argv).resolve()
-    error = slurmctl.error_file(step, cwd, req.error, req.argv)
+    env.update(placement.task_exports(rt, step, ckpt_dir))
+    output = placement.output_file(step, cwd, req.output, req.argv).resolve()
+    error = placement.error_file(step, cwd, req.error, req.argv)
     error = None if error is None else error.resolve()
     resume = _resume_image(
         rt, step, req.restart_dir or ckpt_dir, req.restart_dir is not None, req.argv
@@ -169,7 +168,7 @@ def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
             if resume is not None:
                 with rt.registry() as db:
                     db.bump_restart_count(step.job_id)
-            slurmctl.record_task(rt, step)
+            placement.record_task(rt, step)
         except BaseException:
             # Nobody was told the step runs (or its caller gave up): it must not run on.
             running.close()
@@ -230,7 +229,7 @@ def _resume_image(
     rt: Runtime, step: StepId, image_dir: Path, explicit: bool, argv: list[str]
 ) -> rst.StepImage | None:
     """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
-    rank_dir = slurmctl.rank_image(rt, step, image_dir)
+    rank_dir = multinode_restart.rank_image(rt, step, image_dir)
     if rank_dir is not None:  # this task's rank of a multi-node checkpoint
         image = rst.load_image(rt, rank_dir, full=False)
     elif explicit:

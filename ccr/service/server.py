@@ -62,7 +62,17 @@ def serve(path: Path) -> int:
     from ccr import cli, config
 
     # Loaded once here, so that each forked worker starts warm (the point of forking).
-    for name in ("checkpoint", "restart", "run", "jobs", "describe", "dispatch", "supervisor"):
+    for name in (
+        "checkpoint",
+        "restart",
+        "run",
+        "jobs",
+        "describe",
+        "dispatch",
+        "coordinator",
+        "multinode_restart",
+        "supervisor",
+    ):
         __import__(f"ccr.controller.{name}")
     __import__("ccr.engines.criu")
     try:
