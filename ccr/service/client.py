@@ -26,7 +26,11 @@ LOCAL_FIRST = {"--version", "--help", "-h", "--install-completion", "--show-comp
 
 
 def socket_path() -> Path:
-    return Path(os.environ.get("CCR_SOCKET") or DEFAULT_SOCKET)
+    """`CCR_SOCKET` (`%n` = this node's name, as in CCR_STATE_DIR: nodes that share one
+    /run, like the mini-cluster's, each have their own service), else /run/ccr/ccr.sock."""
+    from ccr.config import node_name
+
+    return Path((os.environ.get("CCR_SOCKET") or DEFAULT_SOCKET).replace("%n", node_name()))
 
 
 class ServiceUnavailable(PermissionDeniedError):
@@ -59,11 +63,10 @@ def wants_service(argv: list[str]) -> bool:
         return False
     if os.geteuid() != 0:
         return True
-    path = os.environ.get("CCR_SOCKET")
-    if not path:
+    if not os.environ.get("CCR_SOCKET"):
         return False
     try:
-        connect(Path(path)).close()
+        connect(socket_path()).close()
     except ServiceUnavailable:
         return False
     return True
