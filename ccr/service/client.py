@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from ccr.errors import PermissionDeniedError
@@ -72,12 +73,14 @@ def wants_service(argv: list[str]) -> bool:
     return True
 
 
-def call(argv: list[str]) -> int:
-    """Run argv in the service; return its exit code."""
+def call(argv: list[str], stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+    """Run argv in the service with stdio as its stdin, stdout and stderr; return its exit
+    code.  Signals are forwarded only from the main thread (the only one Python lets set
+    handlers: the Python API may be called from any)."""
     sock = connect()
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        protocol.send(sock, {"op": "cli", "argv": argv, "env": dict(os.environ)}, [cwd, 0, 1, 2])
+        protocol.send(sock, {"op": "cli", "argv": argv, "env": dict(os.environ)}, [cwd, *stdio])
     finally:
         os.close(cwd)
 
@@ -87,7 +90,8 @@ def call(argv: list[str]) -> int:
         except OSError:
             pass
 
-    old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main else {}
     try:
         while True:
             try:
@@ -106,3 +110,21 @@ def call(argv: list[str]) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         sock.close()
+
+
+def call_captured(argv: list[str]) -> tuple[int, str, str]:
+    """Run argv in the service with stdin /dev/null and stdout, stderr captured (memfds:
+    the service writes while this waits for its exit code, so no pipe can fill up)."""
+    out, err = os.memfd_create("ccr-stdout"), os.memfd_create("ccr-stderr")
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        code = call(argv, (null, out, err))
+        texts = []
+        for fd in (out, err):
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                texts.append(fh.read().decode(errors="replace"))
+        return code, texts[0], texts[1]
+    finally:
+        for fd in (out, err, null):
+            os.close(fd)

@@ -326,3 +326,11 @@ def _clean_dead_scratch(base: Path) -> None:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+    # A user's private scratch dir (emptied above, with the user's credentials) sits in the
+    # service's root-owned container, which only root may remove entries from.
+    if identity.served_user() and staging.parent in (
+        identity.private_container(fast=True),
+        identity.private_container(fast=False),
+    ):
+        with identity.privileged():
+            shutil.rmtree(staging, ignore_errors=True)
