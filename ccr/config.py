@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ccr import identity
 from ccr.errors import CcrError, StorageError, UsageError
 
 
@@ -25,12 +26,17 @@ def state_dir() -> Path:
     else:
         path = Path.home() / ".local" / "state" / "ccr"
     try:
-        if not path.is_dir():  # private only if ccr creates it: an existing dir is the user's
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.chmod(0o700)
+        with identity.privileged():
+            _make_private(path)
     except OSError as exc:
         raise StorageError(f"cannot use state directory {path}: {exc.strerror}") from None
     return path
+
+
+def _make_private(path: Path) -> None:
+    if not path.is_dir():  # private only if ccr creates it: an existing dir is the user's
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.chmod(0o700)
 
 
 def key_file(state: Path) -> Path:
@@ -42,7 +48,8 @@ def key_file(state: Path) -> Path:
 def logs_dir() -> Path:
     """Where CRIU's logs and supervisors' logs go (inside the state directory)."""
     path = state_dir() / "logs"
-    path.mkdir(exist_ok=True, mode=0o700)
+    with identity.privileged():
+        path.mkdir(exist_ok=True, mode=0o700)
     return path
 
 

@@ -22,3 +22,5 @@ bash scripts/install-criu.sh .venv/bin/python
 # not writable, or PYTHONDONTWRITEBYTECODE is set) spends ~80 ms of a read-only command's
 # ~100 ms doing it.  Stale .pyc files are recompiled automatically (mtime check).
 .venv/bin/python -m compileall -q ccr >/dev/null
+# Every user's `ccr` (through the node service): /opt/ccr and /usr/local/bin/ccr.
+bash scripts/install-for-all.sh

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccr import config
+from ccr import config, identity
 from ccr.locking import exclusive_lock
+from ccr.storage.layout import default_image_dir
 from ccr.storage.registry import Registry
 
 if TYPE_CHECKING:
@@ -35,6 +36,13 @@ class Runtime:
     def registry(self) -> Registry:
         return Registry.open(self.state_dir)
 
+    def image_dir(self, job_id: int, given: Path | None = None) -> Path:
+        """Where job_id's checkpoints are (layout.default_image_dir, with its registry record)."""
+        if given is not None:
+            return given
+        with self.registry() as db:
+            return default_image_dir(db.find_job(job_id))
+
     def criu(self) -> Criu:
         # Imported here: read-only commands (list, status) never load CRIU's protobufs.
         from ccr.engines.criu import Criu
@@ -44,7 +52,8 @@ class Runtime:
     def manifest_key(self, create: bool) -> bytes | None:
         from ccr.storage.manifest import ManifestKey
 
-        return ManifestKey(config.key_file(self.state_dir)).load(create)
+        with identity.privileged():  # the service's key: users never read it
+            return ManifestKey(config.key_file(self.state_dir)).load(create)
 
     def work_dir(self, what: str) -> Path:
         """A fresh directory under logs/ for one CRIU action's log and statistics."""
@@ -53,7 +62,11 @@ class Runtime:
         for n in range(1000):
             path = base / f"{what}-{stamp}-{os.getpid()}-{n}"
             try:
-                path.mkdir(mode=0o700)
+                with identity.privileged():
+                    path.mkdir(mode=0o700)
+                # Inside the root-only logs dir, so no user reaches it: the caller's, so that
+                # ccr, acting with the caller's credentials, writes its notes there.
+                identity.give_to_caller(path)
                 return path
             except FileExistsError:
                 continue
@@ -63,7 +76,12 @@ class Runtime:
     def job_lock(self, job_id: int, max_wait: float | None) -> Iterator[None]:
         """Serialize checkpoints of one job; wait at most max_wait seconds for the lock."""
         locks = self.state_dir / "locks"
-        locks.mkdir(exist_ok=True, mode=0o700)
         busy = f"another checkpoint of job {job_id} is still running"
-        with exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy):
+        with identity.privileged():
+            locks.mkdir(exist_ok=True, mode=0o700)
+            lock = exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy)
+            lock.__enter__()
+        try:
             yield
+        finally:
+            lock.__exit__(None, None, None)

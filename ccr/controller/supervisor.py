@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccr import config, interrupts, progress
+from ccr import config, identity, interrupts, progress
 from ccr.controller import checkpoint
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
@@ -444,7 +444,8 @@ def _reap(child: int) -> None:
 
 def _detach_stdio(log_path: Path, keep: tuple[int, ...]) -> None:  # pragma: no cover - child only
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with identity.privileged():  # the service's logs dir
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -15,8 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ccr import identity
 from ccr.engines import process
 from ccr.errors import CcrError, CriuError, JobStateError, MaxWaitExceeded
 from ccr.locking import exclusive_lock
@@ -147,6 +149,21 @@ def command_line_options(what: str, tcp_established: bool, network_lock: str | N
     return flags
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _privileged(func: F) -> F:
+    """Run func with root's file credentials in a service worker (see ccr.identity): CRIU's
+    facts and work dirs are the service's own; the images are in ccr's private scratch."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with identity.privileged():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class NodeFacts:
     """What one CRIU binary says of itself on this node (version, `criu check`, features),
     kept in a small JSON file so that each call of ccr does not run CRIU again to ask.
@@ -174,6 +191,7 @@ class NodeFacts:
             "kernel": os.uname().release,
         }
 
+    @_privileged
     def _load(self) -> dict[str, Any]:
         if self._facts is None:
             self._facts = {}
@@ -189,6 +207,7 @@ class NodeFacts:
     def get(self, name: str) -> Any:
         return self._load().get(name)
 
+    @_privileged
     def put(self, name: str, value: Any) -> None:
         facts = self._load()
         facts[name] = value
@@ -254,6 +273,7 @@ class Criu:
         ok, _ = self.check("network_lock_nftables")
         return "nftables" if ok else "iptables"
 
+    @_privileged
     def dump(
         self,
         pid: int,
@@ -322,6 +342,7 @@ class Criu:
         stats.attempts = attempts
         return stats
 
+    @_privileged
     def restore(
         self,
         images_dir: Path,
@@ -381,6 +402,9 @@ class Criu:
         opts.log_file = log_file.name
         opts.log_level = 4
         opts.notify_scripts = hook is not None
+        lacking = identity.lacks_sys_resource()
+        if identity.criu_as_caller(what == "dump", lacking):
+            opts.unprivileged = True  # see identity.criu_child_ids
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -390,7 +414,7 @@ class Criu:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                preexec_fn=_criu_child_setup,
+                preexec_fn=functools.partial(_criu_child_setup, what == "dump", lacking),
                 # Its own process group, so _kill reaches the helpers criu forks too.
                 process_group=0,
             )
@@ -413,7 +437,8 @@ class Criu:
                     ok = True
                     try:
                         if hook is not None:
-                            hook(resp.notify.script, resp.notify.pid)
+                            with identity.as_caller():  # ccr's own work, as the caller
+                                hook(resp.notify.script, resp.notify.pid)
                     except Exception:
                         ok = False
                         raise
@@ -536,7 +561,10 @@ def _retry_pause(
     return pause
 
 
-def _criu_child_setup() -> None:  # pragma: no cover - runs in the forked child
+def _criu_child_setup(dump: bool = False, lacking: bool = False) -> None:  # pragma: no cover
+    identity.criu_child_ids(dump, lacking)  # a user's CRIU dump on a node without
+    # CAP_SYS_RESOURCE: see there
+
     # Signal masks are inherited: criu must start with none blocked.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # If ccr dies (SIGKILL, MaxWait watchdog gone), criu must not carry on alone: a dump

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccr import identity
 from ccr.engines import criu as criu_engine
 from ccr.engines import process
 from ccr.engines.compression import framed_entry, read_verified
@@ -124,7 +125,8 @@ class ImageServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind(str(directory / SOCKET_NAME))
         self._listener.listen(1)
-        os.mkfifo(gate, 0o600)
+        if not gate.exists():
+            os.mkfifo(gate, 0o600)
         self._threads = [
             threading.Thread(target=self._serve, name="ccr-stream", daemon=True),
             threading.Thread(target=self._answer_gate, name="ccr-stream-gate", daemon=True),
@@ -422,20 +424,24 @@ def restore(
     """`criu restore --stream` of sources as a child of the calling process (CRIU's sibling,
     like RPC's rst_sibling); return the root's PID once the tree runs.
 
-    sock_dir (empty, short path) takes CRIU's socket; work_dir its log (restore.log), the
-    action script and the gate FIFO.  on_sample, if given, is called every few ms with the
-    bytes sent so far (for the caller's memory sampling).  A digest mismatch raises
+    sock_dir (empty, short path) takes CRIU's socket and the gate FIFO; work_dir CRIU's log
+    (restore.log) and the action script.  on_sample, if given, is called every few ms with
+    the bytes sent so far (for the caller's memory sampling).  A digest mismatch raises
     IntegrityError naming the file, after CRIU killed what it had built; any failure or
     an abandoned restore leaves no process behind.
+
+    In a node-service worker (ccr.identity) CRIU, its log and its script are root's, while
+    the server's threads, started outside privileged(), read the stored files with the
+    caller's file credentials (threads keep the credentials they were started with).
     """
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    script = work_dir / "ccr-stream-gate.sh"
-    script.write_text(_SCRIPT.format(action=GATE_ACTION, timeout=GATE_TIMEOUT_S))
-    script.chmod(0o700)
-    gate = work_dir / "stream-gate"
-    gate.unlink(missing_ok=True)
-    pidfile = work_dir / "restored.pid"
-    pidfile.unlink(missing_ok=True)
+    with identity.privileged():
+        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        script = work_dir / "ccr-stream-gate.sh"
+        script.write_text(_SCRIPT.format(action=GATE_ACTION, timeout=GATE_TIMEOUT_S))
+        script.chmod(0o700)
+        pidfile = work_dir / "restored.pid"
+        pidfile.unlink(missing_ok=True)
+    gate = sock_dir / "stream-gate"
     log_file = work_dir / "restore.log"
     cmd = [
         binary,
@@ -464,16 +470,17 @@ def restore(
     server = ImageServer(sock_dir, sources, gate)
     try:
         try:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                cwd=work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=criu_engine._criu_child_setup,
-                process_group=0,
-            )
+            with identity.privileged():
+                proc = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    cwd=work_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=criu_engine._criu_child_setup,
+                    process_group=0,
+                )
         except OSError as exc:
             raise CcrError(f"cannot run CRIU at {binary}: {exc.strerror}") from None
         while proc.poll() is None:
@@ -490,10 +497,12 @@ def restore(
         if proc.returncode != 0 or failure is not None:
             if failure is not None:
                 raise IntegrityError(f"{failure}; nothing of the restore was left running")
-            reason = criu_engine.log_reason(log_file) or f"criu exited {proc.returncode}"
+            with identity.privileged():
+                reason = criu_engine.log_reason(log_file) or f"criu exited {proc.returncode}"
             raise CriuError(f"CRIU restore failed: {reason}", str(log_file))
         try:
-            pid = int(pidfile.read_text().strip())
+            with identity.privileged():
+                pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             raise CriuError(
                 "CRIU restore wrote no pid of the restored tree", str(log_file)
@@ -511,7 +520,8 @@ def restore(
     finally:
         server.close()
         gate.unlink(missing_ok=True)
-        _write_log(work_dir / "stream.log", server.stats, time.monotonic() - started)
+        with identity.privileged():
+            _write_log(work_dir / "stream.log", server.stats, time.monotonic() - started)
     return StreamedRestore(pid, criu_time, server.stats)
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccr import identity
 from ccr.errors import CcrError, JobStateError
 
 CLONE_NEWNS = 0x00020000
@@ -338,6 +339,7 @@ def _exec_init(
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
+        identity.drop_to_caller()  # a user's step runs as exactly that user (service)
         os.chdir(cwd)
         os.execve(init, [init, *argv], env)
     except OSError as exc:

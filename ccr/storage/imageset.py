@@ -11,7 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccr.errors import NotFoundError, StorageError, UsageError
+from ccr import identity
+from ccr.errors import StorageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
@@ -253,42 +254,6 @@ class CheckpointSeries:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-_LINK = re.compile(r"^(?P<job>\d+)(?:\.(?P<step>\d+))?\.ckpt$")
-
-
-def checkpoints_in(image_dir: Path) -> list[tuple[int, int | None, str]]:
-    """The checkpoint names in image_dir: (job id, step id or None for a whole job, name)."""
-    try:
-        entries = [entry.name for entry in image_dir.iterdir()]
-    except OSError:
-        return []
-    found = []
-    for name in entries:
-        match = _LINK.match(name)
-        if match:
-            step = match.group("step")
-            found.append((int(match.group("job")), None if step is None else int(step), name))
-    return sorted(found, key=lambda item: (item[0], -1 if item[1] is None else item[1]))
-
-
-def checkpoint_step_dirs(path: Path) -> list[Path]:
-    """The step checkpoint directories a path names: a `.ckpt` link, a generation, or a step
-    directory inside a whole-job generation.  Raises UsageError for anything else."""
-    target = path.resolve()
-    if (target / MANIFEST).is_file():
-        return [target]
-    if (target / JOB_MANIFEST).is_file():
-        return sorted(p for p in target.iterdir() if p.is_dir() and p.name.isdigit())
-    if not target.exists():
-        raise NotFoundError(f"{path} does not exist")
-    raise UsageError(f"{path} is not a ccr checkpoint (no {MANIFEST} or {JOB_MANIFEST} in it)")
-
-
-def series_dir(step_dir: Path) -> Path:
-    """The image directory holding the checkpoint series that step_dir belongs to."""
-    return step_dir.parent.parent if (step_dir.parent / JOB_MANIFEST).is_file() else step_dir.parent
-
-
 FAST_SCRATCH = Path(os.environ.get("CCR_SCRATCH", "/dev/shm"))
 
 
@@ -302,22 +267,36 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     """
     import psutil
 
+    # A user's raw images (node service) never go where the user can reach them: the
+    # service's own containers (see identity.private_container), not beside ImageDir.
+    private = identity.served_user()
+    fast = identity.private_container(fast=True) if private else FAST_SCRATCH
+    if private:
+        disk = identity.private_container(fast=False)
+        if disk is None:
+            raise StorageError("the node service has no private scratch directory")
+        fallback = disk
     candidates = []
     try:
-        if FAST_SCRATCH.is_dir():
+        if fast is not None and fast.is_dir():
             margin = int(estimate * 1.25) + (64 << 20)
-            free = shutil.disk_usage(FAST_SCRATCH).free
+            free = shutil.disk_usage(fast).free
             if free > margin and psutil.virtual_memory().available > 2 * margin:
-                candidates.append(FAST_SCRATCH)
+                candidates.append(fast)
     except OSError:
         pass
     candidates.append(fallback)
-    for base in candidates:
-        _clean_dead_scratch(base)
+    with identity.privileged():
+        for base in candidates:
+            _clean_dead_scratch(base)
     last: OSError | None = None
     for base in candidates:
         try:
-            path = base / f".ccr-{purpose}-{os.getpid()}-{secrets.token_hex(4)}"
+            # 128 random bits in a container that lists nothing to users (service).
+            path = base / f".ccr-{purpose}-{os.getpid()}-{secrets.token_hex(16 if private else 4)}"
+            if private:
+                identity.make_private_dir(path)
+                return path
             path.mkdir(mode=0o700)
             path.chmod(0o700)
             return path
@@ -347,3 +326,11 @@ def _clean_dead_scratch(base: Path) -> None:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+    # A user's private scratch dir (emptied above, with the user's credentials) sits in the
+    # service's root-owned container, which only root may remove entries from.
+    if identity.served_user() and staging.parent in (
+        identity.private_container(fast=True),
+        identity.private_container(fast=False),
+    ):
+        with identity.privileged():
+            shutil.rmtree(staging, ignore_errors=True)

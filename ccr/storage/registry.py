@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccr.errors import NotFoundError, StorageError
+from ccr import identity
+from ccr.errors import NotFoundError, PermissionDeniedError, StorageError
 from ccr.ids import StepId
 
 SCHEMA = """
@@ -68,6 +69,10 @@ STEP_COLUMNS = {
     "out_offset": "INTEGER",
     "err_offset": "INTEGER",
 }
+
+# Columns of jobs added later: the uid that launched the job (NULL: root, or a registry made
+# before the node service), by Registry._migrate.
+JOB_COLUMNS = {"owner": "INTEGER"}
 
 # Step states.  `vacating` marks a step whose tree is about to be killed by a checkpoint,
 # so its supervisor records the exit as a vacate, not a failure.
@@ -140,6 +145,7 @@ class JobRecord:
     interval_s: int = 0
     keep: int = 2
     restart_count: int = 0
+    owner: int | None = None
     steps: list[StepRecord] = field(default_factory=list)
 
 
@@ -153,6 +159,9 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The registry is the service's own file: root's credentials while it is open.
+        self._privileged = identity.privileged()
+        self._privileged.__enter__()
         try:
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
@@ -165,18 +174,29 @@ class Registry:
                 path.chmod(0o600)
                 Registry._prepared.add(key)
         except (sqlite3.Error, OSError) as exc:
+            self._privileged.__exit__(None, None, None)
             raise StorageError(f"cannot open job registry {path}: {exc}") from None
 
     def _migrate(self) -> None:
         """Add the columns newer ccr versions use to an older registry (idempotent, racy-safe)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
-        for column, decl in STEP_COLUMNS.items():
-            if column not in have:
-                try:
-                    self.db.execute(f"ALTER TABLE steps ADD COLUMN {column} {decl}")
-                except sqlite3.OperationalError as exc:
-                    if "duplicate column" not in str(exc):
-                        raise
+        for table, columns in (("steps", STEP_COLUMNS), ("jobs", JOB_COLUMNS)):
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns.items():
+                if column not in have:
+                    try:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    except sqlite3.OperationalError as exc:
+                        if "duplicate column" not in str(exc):
+                            raise
+
+    def _own(self, job_id: int) -> None:
+        """Refuse (exit 9) a caller other than root acting on a job another uid launched."""
+        uid = identity.caller_uid()
+        if uid == 0:
+            return
+        row = self.db.execute("SELECT owner FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is not None and (row[0] or 0) != uid:
+            raise PermissionDeniedError(f"job {job_id} belongs to another user")
 
     @classmethod
     def open(cls, state_dir: Path) -> Registry:
@@ -186,7 +206,10 @@ class Registry:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.db.close()
+        try:
+            self.db.close()
+        finally:
+            self._privileged.__exit__(None, None, None)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -205,16 +228,19 @@ class Registry:
 
     def ensure_job(self, job_id: int, default_dir: str, **settings: Any) -> JobRecord:
         """Create the job if it is new (with default_dir), then apply settings."""
+        self._own(job_id)
         with self.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, created, checkpoint_dir) VALUES (?, ?, ?)",
-                (job_id, time.time(), default_dir),
+                "INSERT OR IGNORE INTO jobs (job_id, created, checkpoint_dir, owner) "
+                "VALUES (?, ?, ?, ?)",
+                (job_id, time.time(), default_dir, identity.caller_uid() or None),
             )
             if settings:
                 self._update_job(db, job_id, settings)
         return self.job(job_id)
 
     def update_job(self, job_id: int, **values: Any) -> None:
+        self._own(job_id)
         with self.transaction() as db:
             self._update_job(db, job_id, values)
 
@@ -224,6 +250,7 @@ class Registry:
         db.execute(f"UPDATE jobs SET {cols} WHERE job_id = ?", (*values.values(), job_id))
 
     def adjust_disabled(self, job_id: int, delta: int) -> int:
+        self._own(job_id)
         with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET disabled = MAX(0, disabled + ?) WHERE job_id = ?", (delta, job_id)
@@ -231,6 +258,7 @@ class Registry:
         return self.job(job_id).disabled
 
     def find_job(self, job_id: int) -> JobRecord | None:
+        self._own(job_id)
         row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             return None
@@ -245,17 +273,21 @@ class Registry:
         return job
 
     def jobs(self) -> list[JobRecord]:
-        ids = [r[0] for r in self.db.execute("SELECT job_id FROM jobs ORDER BY job_id")]
-        return [self.job(i) for i in ids]
+        uid = identity.caller_uid()
+        rows = self.db.execute("SELECT job_id, owner FROM jobs ORDER BY job_id").fetchall()
+        # A user other than root lists only the jobs they launched.
+        return [self.job(r[0]) for r in rows if uid == 0 or (r[1] or 0) == uid]
 
     # steps ----------------------------------------------------------------------------
     def next_step_id(self, job_id: int) -> int:
+        self._own(job_id)
         row = self.db.execute(
             "SELECT COALESCE(MAX(step_id) + 1, 0) FROM steps WHERE job_id = ?", (job_id,)
         ).fetchone()
         return int(row[0])
 
     def put_step(self, step: StepRecord) -> None:
+        self._own(step.job_id)
         data = dict(step.__dict__)
         data["argv"] = json.dumps(step.argv)
         cols = ", ".join(data)
@@ -266,12 +298,14 @@ class Registry:
             )
 
     def delete_step(self, step: StepId) -> None:
+        self._own(step.job_id)
         with self.transaction() as db:
             db.execute(
                 "DELETE FROM steps WHERE job_id = ? AND step_id = ?", (step.job_id, step.step_id)
             )
 
     def update_step(self, step: StepId, **values: Any) -> None:
+        self._own(step.job_id)
         cols = ", ".join(f"{k} = ?" for k in values)
         with self.transaction() as db:
             db.execute(
@@ -281,6 +315,7 @@ class Registry:
 
     def update_step_if_owner(self, step: StepId, init_pid: int, **values: Any) -> None:
         """update_step, only while the step still runs the tree rooted at init_pid."""
+        self._own(step.job_id)
         cols = ", ".join(f"{k} = ?" for k in values)
         with self.transaction() as db:
             db.execute(
@@ -289,12 +324,14 @@ class Registry:
             )
 
     def bump_restart_count(self, job_id: int) -> None:
+        self._own(job_id)
         with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET restart_count = restart_count + 1 WHERE job_id = ?", (job_id,)
             )
 
     def compare_and_set_state(self, step: StepId, expected: tuple[str, ...], new: str) -> bool:
+        self._own(step.job_id)
         marks = ", ".join("?" for _ in expected)
         with self.transaction() as db:
             cur = db.execute(
@@ -305,6 +342,7 @@ class Registry:
             return cur.rowcount == 1
 
     def find_step(self, step: StepId) -> StepRecord | None:
+        self._own(step.job_id)
         row = self.db.execute(
             "SELECT * FROM steps WHERE job_id = ? AND step_id = ?", (step.job_id, step.step_id)
         ).fetchone()
@@ -317,6 +355,7 @@ class Registry:
         return rec
 
     def steps(self, job_id: int) -> list[StepRecord]:
+        self._own(job_id)
         rows = self.db.execute(
             "SELECT * FROM steps WHERE job_id = ? ORDER BY step_id", (job_id,)
         ).fetchall()
@@ -324,6 +363,7 @@ class Registry:
 
     # checkpoints ----------------------------------------------------------------------
     def add_checkpoint(self, ckpt: CheckpointRecord) -> None:
+        self._own(ckpt.job_id)
         data = dict(ckpt.__dict__)
         cols = ", ".join(data)
         marks = ", ".join("?" for _ in data)
@@ -331,6 +371,7 @@ class Registry:
             db.execute(f"INSERT INTO checkpoints ({cols}) VALUES ({marks})", tuple(data.values()))
 
     def checkpoints(self, job_id: int) -> list[CheckpointRecord]:
+        self._own(job_id)
         rows = self.db.execute(
             "SELECT job_id, step_id, path, created, stored_bytes, image_bytes, frozen_time, "
             "total_time FROM checkpoints WHERE job_id = ? ORDER BY created",
