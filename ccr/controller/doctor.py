@@ -58,7 +58,7 @@ def _major(version: str) -> int | None:
 
 def pycriu_problem() -> str | None:
     """Why pycriu (RPC and image decoder) cannot be imported; None when it can."""
-    if criu_engine.rpc is None:
+    if criu_engine.rpc_module() is None:
         return "pycriu is not importable"
     try:
         importlib.import_module("pycriu.images")

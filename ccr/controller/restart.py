@@ -16,12 +16,13 @@ from typing import Any
 from ccr import identity, interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import gpu, image_fixes, openfiles, process
 from ccr.engines.compression import decompress_dir
+from ccr.engines.criu import criu_options
 from ccr.errors import (
     IntegrityError,
     JobStateError,
-    MaxWaitExceeded,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
@@ -294,14 +295,13 @@ def restore_into(
     rt: Runtime,
     supervisor: sup.Supervisor,
     image: StepImage,
-    max_wait: float | None,
+    deadline: Deadline,
 ) -> RestartResult:
-    """Restore image as a child of this process and hand it to supervisor."""
+    """Restore image as a child of this process and hand it to supervisor, by deadline."""
     prepare_files(image)
     criu = rt.criu()
     work = rt.work_dir(f"{image.step}-restore")
     began = time.monotonic()
-    deadline = None if max_wait is None else began + max_wait
     # A user's restore (node service) reads a verified copy in ccr's private scratch, never
     # the user's own files, which could be swapped after the check (see ccr.identity).
     packed = any(f.codec != "none" for f in image.manifest.files) or identity.served_user()
@@ -323,11 +323,7 @@ def restore_into(
         overlay = correct_images(image, raw_dir, packed, work)
         if overlay is not None:
             raw_dir = overlay
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise MaxWaitExceeded(
-                f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
-            )
+        deadline.check(f"restore of {image.step}")
         # Each file the job writes goes back to its state at the checkpoint (so CRIU finds
         # the size it recorded, and the job the contents it wrote); planned again here, as
         # files may have changed since preflight looked.
@@ -341,13 +337,12 @@ def restore_into(
         # (a lock its dump already lifted is marked so in the image: correct_images).
         tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
         with progress.task(f"restoring {image.step} (CRIU)", 0):
-            result = criu.restore(
-                raw_dir,
-                work,
-                timeout=remaining,
+            options = criu_options(
+                "restore",
                 tcp_established=tcp,
                 network_lock=image.manifest.network_lock or None,
             )
+            result = criu.restore(options, raw_dir, work, deadline=deadline)
     except BaseException:
         if undo_files is not None:
             undo_files()  # a failed restart leaves every file as it found it
@@ -419,7 +414,9 @@ def restart(
             as_step(load_image(rt, path, full=False), step, rename)
             for step, path in find_named_images(ref, image_dir)
         ]
-    return restart_images(rt, images, image_dir, stick_to_nodes, max_wait, tcp_established)
+    return restart_images(
+        rt, images, image_dir, stick_to_nodes, Deadline.after(max_wait), tcp_established
+    )
 
 
 def checkpoint_path(target: str) -> Path | None:
@@ -471,7 +468,12 @@ def restart_path(
     with _nothing_restored_if_interrupted():
         images = images_at(rt, path)
     return restart_images(
-        rt, images, series_dir(images[0].path), stick_to_nodes, max_wait, tcp_established
+        rt,
+        images,
+        series_dir(images[0].path),
+        stick_to_nodes,
+        Deadline.after(max_wait),
+        tcp_established,
     )
 
 
@@ -493,10 +495,10 @@ def restart_images(
     images: list[StepImage],
     image_dir: Path,
     stick_to_nodes: bool,
-    max_wait: float | None,
+    deadline: Deadline,
     tcp_established: bool = False,
 ) -> list[RestartResult]:
-    """Restore each verified image under a supervisor of its own."""
+    """Restore each verified image under a supervisor of its own, all by deadline."""
     if not images:
         raise NotFoundError(f"no step checkpoint in {image_dir}")
     for image in images:
@@ -509,7 +511,7 @@ def restart_images(
             settings.tcp_established = settings.tcp_established or tcp_established
             message = sup.spawn_background(
                 str(image.step),
-                functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
+                functools.partial(_restore_and_supervise, rt, image, settings, deadline),
             )
             results.append(
                 RestartResult(
@@ -574,11 +576,11 @@ def _restore_and_supervise(
     rt: Runtime,
     image: StepImage,
     settings: sup.SupervisorSettings,
-    max_wait: float | None,
+    deadline: Deadline,
     report: sup.Report,
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
-    result = restore_into(rt, supervisor, image, max_wait)
+    result = restore_into(rt, supervisor, image, deadline)
     try:
         report({"ok": True, **result.to_dict()})
     except BaseException:  # the caller abandoned the restore before hearing of it

@@ -30,6 +30,7 @@ from ccr.controller import checkpoint as ckpt
 from ccr.controller import supervisor as sup
 from ccr.controller.restart import default_image_dir
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import slurm
 from ccr.engines.compression import Codec
 from ccr.errors import (
@@ -66,7 +67,7 @@ DECISION_WAIT = 300.0  # how long a node waits for commit/abort without a MaxWai
 def task_exports(rt: Runtime, step: StepId, image_dir: Path) -> dict[str, str]:
     """What a freshly launched task gets in its environment (restored ones keep their own)."""
     out = {"SLURM_CHECKPOINT_IMAGE_DIR": str(image_dir)}
-    if "SLURM_RESTART_COUNT" not in os.environ:
+    if slurm.TaskEnv.from_env().restart_count is None:
         with rt.registry() as db:
             job = db.find_job(step.job_id)
         out["SLURM_RESTART_COUNT"] = str(job.restart_count if job else 0)
@@ -126,11 +127,6 @@ def _step_file(
 def file_context(step: StepId, argv: list[str]) -> FileContext:
     """What %N, %u, %x, %A, %a, %t, %n mean for this task, from Slurm's environment."""
     task = slurm.TaskEnv.from_env()
-
-    def env_int(name: str) -> int | None:
-        value = os.environ.get(name, "")
-        return int(value) if value.isdigit() else None
-
     try:
         user = pwd.getpwuid(identity.caller_uid()).pw_name
     except KeyError:
@@ -140,11 +136,11 @@ def file_context(step: StepId, argv: list[str]) -> FileContext:
         step_id=step.step_id,
         node=task.node,
         user=user,
-        job_name=os.environ.get("SLURM_JOB_NAME") or (Path(argv[0]).name if argv else "ccr"),
-        array_job_id=env_int("SLURM_ARRAY_JOB_ID"),
-        array_task_id=env_int("SLURM_ARRAY_TASK_ID"),
+        job_name=config.env_str("SLURM_JOB_NAME") or (Path(argv[0]).name if argv else "ccr"),
+        array_job_id=config.env_int("SLURM_ARRAY_JOB_ID"),
+        array_task_id=config.env_int("SLURM_ARRAY_TASK_ID"),
         task_id=task.rank or 0,
-        node_id=env_int("SLURM_NODEID") or 0,
+        node_id=config.env_int("SLURM_NODEID") or 0,
     )
 
 
@@ -485,7 +481,7 @@ def node_checkpoint(
 ) -> int:
     """`ccr _node-checkpoint`: dump this node's tasks of ref, report, then commit or roll back."""
     node = slurm.node_name()
-    deadline = None if max_wait is None else time.monotonic() + max_wait
+    deadline = Deadline.after(max_wait)
     with rt.registry() as db:
         job = db.find_job(ref.job_id)
         steps = (
@@ -498,11 +494,12 @@ def node_checkpoint(
         _decision(deadline)
         return 0
     if job.disabled:
-        _emit({"ok": False, "node": node, "error": "checkpoints are disabled", "code": 4})
-        return 4
+        disabled = JobStateError(f"checkpoints of job {ref.job_id} are disabled")
+        _emit({"ok": False, "node": node, "error": str(disabled), "code": disabled.exit_code})
+        return disabled.exit_code
     try:
         base = prepare_image_dir(image_dir or Path(job.checkpoint_dir), mkdir=mkdir)
-        with rt.job_lock(ref.job_id, max_wait):
+        with rt.job_lock(ref.job_id, deadline):
             return _dump_and_decide(rt, ref, steps, base, staging_name, stop, deadline, codec)
     except CcrError as exc:
         _emit({"ok": False, "node": node, "error": str(exc), "code": exit_code_for(exc)})
@@ -516,7 +513,7 @@ def _dump_and_decide(
     base: Path,
     staging_name: str,
     stop: bool,
-    deadline: float | None,
+    deadline: Deadline,
     codec: Codec,
 ) -> int:
     node = slurm.node_name()
@@ -544,8 +541,7 @@ def _dump_and_decide(
                 with rt.registry() as db:
                     if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
                         raise JobStateError(f"step {step.id} stopped running")
-            left = None if deadline is None else max(0.001, deadline - time.monotonic())
-            m = ckpt._dump_step(rt, criu, version, step, rank_dir, opts, left, key)
+            m = ckpt._dump_step(rt, criu, version, step, rank_dir, opts, deadline, key)
             tasks.append(
                 {
                     "step": step.step_id,
@@ -593,11 +589,12 @@ def _emit(report: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _decision(deadline: float | None) -> str:
+def _decision(deadline: Deadline) -> str:
     """The coordinator's line on stdin; "" on EOF or when it does not come in time."""
     limit = time.monotonic() + DECISION_WAIT
-    if deadline is not None:
-        limit = min(limit, deadline + 30.0)
+    left = deadline.remaining()
+    if left is not None:
+        limit = min(limit, time.monotonic() + left + 30.0)
     data = b""
     while b"\n" not in data:
         wait = limit - time.monotonic()

@@ -18,6 +18,7 @@ from ccr.controller import restart as rst
 from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import slurm
 from ccr.errors import CcrError, IntegrityError, JobStateError, StorageError, UsageError
 from ccr.ids import JobRef, StepId
@@ -194,7 +195,7 @@ def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: fl
         db.bump_restart_count(new.job_id)
     settings = slurmctl.task_settings(sup.SupervisorSettings())
     supervisor = sup.Supervisor(rt, new, settings)
-    result = rst.restore_into(rt, supervisor, moved, max_wait)
+    result = rst.restore_into(rt, supervisor, moved, Deadline.after(max_wait))
     slurmctl.record_task(rt, new, rank=rank, ntasks=image.ntasks)
     print(
         f"ccr: rank {rank} of {loaded.step} restored on {task.node} as {new} (pid {result.pid})",

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ccr import config
 from ccr.errors import PermissionDeniedError
 from ccr.service import protocol
 
@@ -26,7 +27,7 @@ LOCAL_FIRST = {"--version", "--help", "-h", "--install-completion", "--show-comp
 
 
 def socket_path() -> Path:
-    return Path(os.environ.get("CCR_SOCKET") or DEFAULT_SOCKET)
+    return Path(config.service_socket() or DEFAULT_SOCKET)
 
 
 class ServiceUnavailable(PermissionDeniedError):
@@ -59,7 +60,7 @@ def wants_service(argv: list[str]) -> bool:
         return False
     if os.geteuid() != 0:
         return True
-    path = os.environ.get("CCR_SOCKET")
+    path = config.service_socket()
     if not path:
         return False
     try:

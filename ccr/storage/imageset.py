@@ -11,8 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccr import identity
-from ccr.errors import NotFoundError, StorageError, UsageError
+from ccr import config, identity
+from ccr.errors import NO_SPACE, NotFoundError, StorageError, UsageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
@@ -113,11 +113,13 @@ def prepare_image_dir(path: Path, what: str = "image directory", mkdir: bool = F
 
 def storage_error(path: Path, exc: OSError, doing: str) -> StorageError:
     """A one-line error for a failed file operation, saying 'no space' plainly."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(f"no space left on the file system of {path} while {doing}")
+    if exc.errno in NO_SPACE:
+        return StorageError(
+            f"no space left on the file system of {path} while {doing}", errno=exc.errno
+        )
     if exc.errno == errno.EROFS:
-        return StorageError(f"{path} is on a read-only file system")
-    return StorageError(f"{doing} {path}: {exc.strerror or exc}")
+        return StorageError(f"{path} is on a read-only file system", errno=exc.errno)
+    return StorageError(f"{doing} {path}: {exc.strerror or exc}", errno=exc.errno)
 
 
 def fsync_tree(path: Path) -> None:
@@ -290,9 +292,6 @@ def series_dir(step_dir: Path) -> Path:
     return step_dir.parent.parent if (step_dir.parent / JOB_MANIFEST).is_file() else step_dir.parent
 
 
-FAST_SCRATCH = Path(os.environ.get("CCR_SCRATCH", "/dev/shm"))
-
-
 def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     """A private temporary directory for raw images: tmpfs when it has room, else fallback.
 
@@ -306,7 +305,7 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     # A user's raw images (node service) never go where the user can reach them: the
     # service's own containers (see identity.private_container), not beside ImageDir.
     private = identity.served_user()
-    fast = identity.private_container(fast=True) if private else FAST_SCRATCH
+    fast = identity.private_container(fast=True) if private else config.fast_scratch()
     if private:
         disk = identity.private_container(fast=False)
         if disk is None:
