@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,17 +130,34 @@ def fsync_tree(path: Path) -> None:
     in this node's page cache would only take memory from the job and from the next
     checkpoint's tmpfs staging (which, on a full page cache, then dumps through reclaim).
     """
-    for root, dirs, files in os.walk(path):
+    files: list[str] = []
+    dirs: list[Path] = []
+    for root, subdirs, names in os.walk(path):
+        files.extend(os.path.join(root, name) for name in names)
+        dirs.extend(Path(root) / name for name in subdirs)
+    # The files' fsyncs at once (fsync releases the GIL): the file system commits them
+    # together, 24 files of a 64 MiB checkpoint in ~40 ms here against ~80 ms one by one.
+    if len(files) > 1:
+        with ThreadPoolExecutor(min(FSYNC_THREADS, len(files))) as pool:
+            list(pool.map(_fsync_file, files))
+    else:
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        for name in dirs:
-            fsync_dir(Path(root) / name)
+            _fsync_file(name)
+    for directory in dirs:
+        fsync_dir(directory)
     fsync_dir(path)
+
+
+FSYNC_THREADS = 8
+
+
+def _fsync_file(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
