@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -13,68 +12,21 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
 from ccr import identity
 from ccr.deadline import NO_DEADLINE, Deadline
-from ccr.engines import process
+from ccr.engines import criu_wire, process
 from ccr.errors import NO_SPACE, CcrError, CriuError, JobStateError, StorageError
 from ccr.locking import exclusive_lock
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-@functools.cache
-def _pycriu_module(relative: str) -> ModuleType | None:
-    """One generated protobuf module of pycriu (e.g. "rpc_pb2", "images/stats_pb2"), loaded
-    from its file under its own name, without running pycriu's __init__.
-
-    pycriu's __init__ also imports its whole image decoder (pycriu.images, ~70 protobuf
-    modules): 17 ms of the 28 ms that `import pycriu` costs here, which a dump or restore
-    over RPC never uses.  Registered as pycriu.<name>, a later `import pycriu` (an image
-    decoded for a restore) finds the module and does not build its descriptors twice.
-    """
-    name = "pycriu." + relative.replace("/", ".")
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        package = importlib.util.find_spec("pycriu")
-    except (ImportError, ValueError):  # pragma: no cover - depends on the installation
-        return None
-    if package is None or not package.submodule_search_locations:
-        return None
-    path = Path(next(iter(package.submodule_search_locations))) / f"{relative}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None or not path.is_file():
-        return None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def rpc_module() -> ModuleType | None:
-    """pycriu's RPC protobufs (criu_req, criu_resp, ...); None when pycriu is missing."""
-    return _pycriu_module("rpc_pb2")
-
-
-def _rpc() -> Any:
-    rpc = rpc_module()
-    if rpc is None:
-        raise CcrError("pycriu is not installed: run scripts/install-criu.sh")
-    return rpc
 
 
 # Called on each CRIU notification (e.g. "pre-dump", "post-dump", "post-restore") with the
@@ -182,35 +134,41 @@ class CriuOptions:
     # see identity.criu_child_ids), which CRIU refuses without this option.
     unprivileged: bool = False
 
-    def request(self, images_fd: int, work_fd: int) -> Any:
-        """CRIU's RPC request for these options, on images_fd and work_fd."""
-        rpc = _rpc()
-        req = rpc.criu_req()
-        req.type = rpc.DUMP if self.action == "dump" else rpc.RESTORE
-        opts = req.opts
-        opts.images_dir_fd = images_fd
-        opts.work_dir_fd = work_fd
-        opts.log_file = self.log_file
-        opts.log_level = self.log_level
-        opts.notify_scripts = self.notify_scripts
-        opts.file_locks = self.file_locks
-        opts.tcp_established = self.tcp_established
-        opts.auto_ext_mnt = self.auto_ext_mnt
+    def rpc_fields(self, images_fd: int, work_fd: int) -> dict[str, int | bool | str]:
+        """The fields of CRIU's criu_opts these options set (rpc.proto names), on
+        images_fd and work_fd; CRIU's defaults for every other."""
+        fields: dict[str, int | bool | str] = {
+            "images_dir_fd": images_fd,
+            "work_dir_fd": work_fd,
+            "log_file": self.log_file,
+            "log_level": self.log_level,
+            "notify_scripts": self.notify_scripts,
+            "file_locks": self.file_locks,
+            "tcp_established": self.tcp_established,
+            "auto_ext_mnt": self.auto_ext_mnt,
+        }
         if self.network_lock is not None:
-            opts.network_lock = NETWORK_LOCKS.index(self.network_lock) + 1
+            fields["network_lock"] = NETWORK_LOCKS.index(self.network_lock) + 1
         if self.pid is not None:
-            opts.pid = self.pid
-            opts.leave_running = self.leave_running
-            opts.leave_stopped = self.leave_stopped
+            fields.update(
+                pid=self.pid, leave_running=self.leave_running, leave_stopped=self.leave_stopped
+            )
         if self.ghost_limit is not None:
-            opts.ghost_limit = self.ghost_limit
+            fields["ghost_limit"] = self.ghost_limit
         if self.root is not None:
-            opts.root = self.root
+            fields["root"] = self.root
         if self.rst_sibling:
-            opts.rst_sibling = True
+            fields["rst_sibling"] = True
         if self.unprivileged:
-            opts.unprivileged = True
-        return req
+            fields["unprivileged"] = True
+        return fields
+
+    def request(self, images_fd: int, work_fd: int) -> bytes:
+        """CRIU's RPC request (a serialized criu_req) for these options."""
+        kind = criu_wire.DUMP if self.action == "dump" else criu_wire.RESTORE
+        return criu_wire.encode_req(
+            kind, criu_wire.encode_opts(self.rpc_fields(images_fd, work_fd))
+        )
 
 
 def criu_options(
@@ -471,7 +429,7 @@ class Criu:
             raise
         finally:
             drop_view(view, images_dir)
-        return RestoreResult(pid=resp.restore.pid, wall_time=time.monotonic() - started)
+        return RestoreResult(pid=resp.restore_pid, wall_time=time.monotonic() - started)
 
     def _call(
         self,
@@ -480,8 +438,7 @@ class Criu:
         work_dir: Path,
         deadline: Deadline,
         hook: NotifyHook | None,
-    ) -> Any:
-        rpc = _rpc()
+    ) -> criu_wire.Response:
         what = options.action
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = work_dir / options.log_file
@@ -514,26 +471,24 @@ class Criu:
         # CRIU opens images_dir_fd and work_dir_fd through /proc/<our pid>/fd: keep them open.
         try:
             try:
-                ours.send(req.SerializeToString())
+                ours.send(req)
             except OSError:
                 pass  # criu died at once: the receive below reports it from its log
             while True:
                 resp = self._receive(ours, deadline, proc, what, log_file)
-                if resp.type == rpc.NOTIFY:
+                if resp.type == criu_wire.NOTIFY:
                     ok = True
                     try:
                         if hook is not None:
                             with identity.as_caller():  # ccr's own work, as the caller
-                                hook(resp.notify.script, resp.notify.pid)
+                                hook(resp.notify_script, resp.notify_pid)
                     except Exception:
                         ok = False
                         raise
                     finally:
-                        ack = rpc.criu_req()
-                        ack.type = rpc.NOTIFY
-                        ack.notify_success = ok
+                        ack = criu_wire.encode_req(criu_wire.NOTIFY, notify_success=ok)
                         try:
-                            ours.send(ack.SerializeToString())
+                            ours.send(ack)
                         except OSError:
                             pass
                     continue
@@ -562,7 +517,7 @@ class Criu:
         proc: subprocess.Popen[bytes],
         what: str,
         log_file: Path,
-    ) -> Any:
+    ) -> criu_wire.Response:
         if deadline.bounded:
             deadline.check(f"CRIU {what}")
             sock.settimeout(deadline.timeout())
@@ -576,9 +531,10 @@ class Criu:
             proc.wait()
             reason = log_reason(log_file) or f"criu exited with status {proc.returncode}"
             raise failure(what, reason, log_file, 0)
-        resp = _rpc().criu_resp()
-        resp.ParseFromString(buf)
-        return resp
+        try:
+            return criu_wire.decode_resp(buf)
+        except ValueError as exc:
+            raise CriuError(f"CRIU {what}: undecodable answer ({exc})", str(log_file)) from None
 
 
 # CRIU's parasite, dumping the root of a PID namespace that sees the node's /proc, mounts a
@@ -862,8 +818,8 @@ _LEADING_MAGICS = (0x54564319, 0x55105940)
 def read_dump_stats(path: Path) -> DumpStats:
     """Decode CRIU's stats-dump image (times in CRIU's microseconds, returned in seconds).
 
-    The image is one stats_entry after its magics, decoded with pycriu's stats_pb2 alone
-    (not pycriu.images, which loads every image's protobufs: 17 ms a dump here).
+    The image is one stats_entry after its magics (decoded by criu_wire: pycriu.images
+    loads every image's protobufs, 17 ms a dump here).
     """
     stats = DumpStats()
     try:
@@ -871,23 +827,18 @@ def read_dump_stats(path: Path) -> DumpStats:
     except OSError:
         return stats
     try:
-        pb = _pycriu_module("images/stats_pb2")
-        if pb is None:
-            return stats
         offset = 4
         (magic,) = struct.unpack_from("<I", data, 0)
         if magic in _LEADING_MAGICS:
             offset = 8
         (size,) = struct.unpack_from("<I", data, offset)
-        entry = pb.stats_entry()
-        entry.ParseFromString(data[offset + 4 : offset + 4 + size])
-        dump = entry.dump
-    except Exception:  # noqa: BLE001 - stats are informative; a decoding problem is not fatal
+        dump = criu_wire.decode_dump_stats(data[offset + 4 : offset + 4 + size])
+    except (ValueError, struct.error):  # stats are informative: a bad image is not fatal
         return stats
-    stats.freezing_time = dump.freezing_time / 1e6
-    stats.frozen_time = dump.frozen_time / 1e6
-    stats.memdump_time = dump.memdump_time / 1e6
-    stats.memwrite_time = dump.memwrite_time / 1e6
-    stats.pages_scanned = dump.pages_scanned
-    stats.pages_written = dump.pages_written
+    stats.freezing_time = dump["freezing_time"] / 1e6
+    stats.frozen_time = dump["frozen_time"] / 1e6
+    stats.memdump_time = dump["memdump_time"] / 1e6
+    stats.memwrite_time = dump["memwrite_time"] / 1e6
+    stats.pages_scanned = dump["pages_scanned"]
+    stats.pages_written = dump["pages_written"]
     return stats
