@@ -27,13 +27,12 @@ from ccr.slurm_time import format_seconds, parse_slurm_time
 
 if TYPE_CHECKING:
     from ccr.controller import checkpoint as ckpt
-    from ccr.controller import convert, doctor, inspect, jobs, slurm_restart
+    from ccr.controller import convert, coordinator, describe, dispatch, doctor, jobs
     from ccr.controller import restart as rst
     from ccr.controller import run as runner
-    from ccr.controller import slurm as slurmctl
     from ccr.controller import supervisor as sup
     from ccr.engines.compression import Codec
-    from ccr.storage import imageset
+    from ccr.storage import layout
 else:
     # A read-only command (list, status, checkpoint able/error, --help, --version) must not
     # pay for what it does not use: the controller pulls in CRIU's protobufs (pycriu),
@@ -42,14 +41,14 @@ else:
     ckpt = lazy_module("ccr.controller.checkpoint")
     convert = lazy_module("ccr.controller.convert")
     doctor = lazy_module("ccr.controller.doctor")
-    inspect = lazy_module("ccr.controller.inspect")
+    describe = lazy_module("ccr.controller.describe")
+    dispatch = lazy_module("ccr.controller.dispatch")
     jobs = lazy_module("ccr.controller.jobs")
-    slurm_restart = lazy_module("ccr.controller.slurm_restart")
     rst = lazy_module("ccr.controller.restart")
     runner = lazy_module("ccr.controller.run")
-    slurmctl = lazy_module("ccr.controller.slurm")
+    coordinator = lazy_module("ccr.controller.coordinator")
     sup = lazy_module("ccr.controller.supervisor")
-    imageset = lazy_module("ccr.storage.imageset")
+    layout = lazy_module("ccr.storage.layout")
 
 T = TypeVar("T")
 
@@ -394,7 +393,7 @@ def _create(
         mkdir=mkdir,
         tcp_established=_tcp(tcp_established),
     )
-    result = _showing_progress(lambda: slurmctl.create_any(Runtime.from_env(), ref, opts))
+    result = _showing_progress(lambda: dispatch.create(Runtime.from_env(), ref, opts))
     verb = "vacated" if stop else "checkpointed"
     details = [
         f"  step {m.job_id}.{m.step_id}: {m.stats.get('pages_written', 0)} pages written, "
@@ -457,9 +456,9 @@ def _restart(
     rename: bool = False,
     tcp_established: bool = False,
 ) -> None:
-    path = rst.checkpoint_path(target)
     if check:
-        checks = inspect.restart_check(Runtime.from_env(), path or _ref(target), image_dir, stick)
+        path = rst.checkpoint_path(target)
+        checks = describe.restart_check(Runtime.from_env(), path or _ref(target), image_dir, stick)
         ok = all(c.ok for c in checks)
         lines = [f"{'ok ' if c.ok else 'NO '} {c.name}: {c.detail}" for c in checks]
         lines.append(f"restart of {target}: {'possible' if ok else 'blocked'}")
@@ -467,41 +466,16 @@ def _restart(
         data = _restart_json(ref, "check", ok=ok, checks=[c.to_dict() for c in checks])
         _emit(data, as_json, "\n".join(lines))
         raise typer.Exit(0 if ok else JobStateError.exit_code)
-    if path is not None:
-        if image_dir is not None or new_job or rename:
-            raise UsageError("restart CKPT takes no --image-dir, --new-job or --rename")
-        ref = rst.ref_of_path(path)
-        results = _showing_progress(
-            lambda: rst.restart_path(
-                Runtime.from_env(), path, stick, _max_wait(max_wait), _tcp(tcp_established)
-            )
-        )
-    else:
-        ref = _ref(target)
-        dist = slurm_restart.restart_if_distributed(
-            Runtime.from_env(), ref, image_dir, stick, _max_wait(max_wait), new_job
-        )
-        if dist is not None:
-            _emit(_restart_json(ref, **dist.to_dict()), as_json, dist.describe())
-            return
-        results = _showing_progress(
-            lambda: rst.restart(
-                Runtime.from_env(),
-                ref,
-                image_dir,
-                stick,
-                _max_wait(max_wait),
-                rename,
-                _tcp(tcp_established),
-            )
-        )
-    lines = [
-        f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s"
-        + (f", of which unpacking {r.unpack_time:.2f}s)" if r.unpack_time else ")")
-        for r in results
-    ]
-    data = _restart_json(ref, "local", steps=[r.to_dict() for r in results])
-    _emit(data, as_json, "\n".join(lines))
+    opts = rst.RestartOptions(
+        image_dir=image_dir,
+        stick_to_nodes=stick,
+        max_wait=_max_wait(max_wait),
+        rename=rename,
+        tcp_established=_tcp(tcp_established),
+        new_job=new_job,
+    )
+    done = _showing_progress(lambda: dispatch.restart(Runtime.from_env(), target, opts))
+    _emit(done.to_dict(), as_json, done.describe())
 
 
 def _restart_json(ref: JobRef, mode: str, **fields: Any) -> dict[str, Any]:
@@ -555,12 +529,13 @@ def show(
 
     Example: ccr show 42.0    or    ccr show /scratch/ckpt/42.0.ckpt --json
     """
-    data = inspect.show(Runtime.from_env(), target, image_dir)
+    data = describe.show(Runtime.from_env(), target, image_dir)
     lines = []
     for d in data:
         created = timestamps.local(d["created_epoch"])
+        rank = f" rank {d['rank']}" if "rank" in d else ""
         lines += [
-            f"{d['step']}  generation {d['generation']}  {d['checkpoint']}",
+            f"{d['step']}{rank}  generation {d['generation']}  {d['checkpoint']}",
             f"  command   {' '.join(d['command'])}  (cwd {d['cwd']})",
             f"  node      {d['node']}  uid {d['uid']}  created {created}  CRIU {d['criu_version']}",
             f"  images    {d['image_bytes'] / 2**20:.1f} MiB raw, {d['stored_bytes'] / 2**20:.1f}"
@@ -685,20 +660,21 @@ def decompress(
 
 
 @app.command()
-def verify(ckpt_dir: Path = typer.Argument(..., metavar="CKPT"), as_json: bool = JSON_OPT) -> None:
+def verify(
+    target: str = typer.Argument(..., metavar="CKPT|JOBID[.STEPID]"),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Where to look for JOBID."),
+    as_json: bool = JSON_OPT,
+) -> None:
     """Check a checkpoint's manifest and every file without restoring it.
 
-    Example: ccr verify /scratch/ckpt/42.0.ckpt
+    Example: ccr verify /scratch/ckpt/42.0.ckpt    or    ccr verify 42
     """
-    rt = Runtime.from_env()
-    target = ckpt_dir.resolve()
-    dirs = imageset.checkpoint_step_dirs(ckpt_dir)
-    for d in dirs:
-        rst.load_image(rt, d)
+    dirs = describe.verify(Runtime.from_env(), target, image_dir)
+    where = Path(target).resolve() if Path(target).exists() else layout.generation_of(dirs[0])
     _emit(
-        {"checkpoint": str(target), "ok": True, "steps": [str(d) for d in dirs]},
+        {"checkpoint": str(where), "ok": True, "steps": [str(d) for d in dirs]},
         as_json,
-        f"{ckpt_dir}: OK ({len(dirs)} step(s) verified)",
+        f"{target}: OK ({len(dirs)} image dir(s) verified)",
     )
 
 
@@ -772,7 +748,7 @@ def cp_requeue(
     """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
     image_dir, max_wait, _ = _keywords(options or [])
     _create(ref, image_dir, max_wait, True, as_json)
-    slurmctl.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
+    coordinator.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
 
 
 @checkpoint_app.command("restart")

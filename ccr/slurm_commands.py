@@ -19,12 +19,14 @@ def node_checkpoint(
     max_wait: Optional[float] = typer.Option(None, "--max-wait"),
     compress: str = typer.Option("zstd:1", "--compress"),
     mkdir: bool = typer.Option(False, "--mkdir"),
+    keep: Optional[int] = typer.Option(None, "--keep"),
+    tcp_established: bool = typer.Option(False, "--tcp-established"),
 ) -> None:
     """Dump this node's tasks of a job for `ccr create` (one task per node of an srun step)."""
-    from ccr.controller import slurm as slurmctl  # not for every other command's start-up
+    from ccr.controller import node_participant  # not for every other command's start-up
     from ccr.engines.compression import parse_codec
 
-    code = slurmctl.node_checkpoint(
+    code = node_participant.node_checkpoint(
         Runtime.from_env(),
         parse_job_ref(ref),
         staging,
@@ -33,6 +35,8 @@ def node_checkpoint(
         max_wait,
         parse_codec(compress),
         mkdir,
+        keep,
+        tcp_established,
     )
     raise typer.Exit(code)
 
@@ -44,9 +48,9 @@ def restore_rank(
     max_wait: Optional[float] = typer.Option(None, "--max-wait"),
 ) -> None:
     """Restore this task's rank of a multi-node checkpoint and wait for it (under srun)."""
-    from ccr.controller import slurm_restart
+    from ccr.controller import multinode_restart
 
-    code = slurm_restart.restore_rank(Runtime.from_env(), gen, step, stick, max_wait)
+    code = multinode_restart.restore_rank(Runtime.from_env(), gen, step, stick, max_wait)
     raise typer.Exit(code)
 
 

@@ -326,8 +326,9 @@ class Bench:
     def ccr_home(self) -> Path:
         return self.storage / "ccr"
 
-    def ccr(self, args: list[str]) -> tuple[float, object]:
-        """Run `python -m ccr ARGS --json` in the private state dir: (wall seconds, JSON)."""
+    def ccr(self, args: list[str], socket: Path | None = None) -> tuple[float, object]:
+        """Run `python -m ccr ARGS --json` in the private state dir: (wall seconds, JSON);
+        with socket, through the node service listening there (root with CCR_SOCKET)."""
         env = dict(
             os.environ,
             CCR_STATE_DIR=str(self.ccr_home / "state"),
@@ -336,6 +337,9 @@ class Bench:
             OMP_NUM_THREADS="1",
         )
         env.pop("CCR_COMPRESS", None)
+        env.pop("CCR_SOCKET", None)
+        if socket is not None:
+            env["CCR_SOCKET"] = str(socket)
         began = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "ccr", *args],
@@ -889,6 +893,74 @@ def cli_bench(bench: Bench, reps: int) -> str:
     return "\n".join(rows) + "\n"
 
 
+SERVICE_TARGET_S = 0.05  # issue 18: the node service adds at most 50 ms per call
+
+
+def service_bench(bench: Bench, reps: int) -> str:
+    """`--service`: `ccr create` and `ccr restart` of one 64 MiB tree, as root, in-process
+    and through a `ccr daemon` of the same state dir, alternating (the order swapped each
+    repetition), so the difference of the medians is what the service adds per call:
+    the client's connect (twice: root's ccr first checks that the socket is live), the
+    request with its fds, the forked worker, the relayed exit code.
+    """
+    size = 64 * MiB
+    sock = bench.ccr_home / "run" / "ccr.sock"
+    bench.ccr_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CCR_STATE_DIR=str(bench.ccr_home / "state"), CCR_CRIU=bench.criu)
+    env.pop("CCR_SOCKET", None)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "ccr", "daemon", "--socket", str(sock)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(bench.storage / "daemon.log").open("w"),
+        start_new_session=True,
+    )
+    try:
+        wait_ready_path(sock, lambda: daemon.poll() is None)
+        job, _, _ = bench.start_ccr_target(size, "realistic")
+        ref = f"{job}.0"
+        ways: dict[str, Path | None] = {"in-process": None, "service": sock}
+        times: dict[tuple[str, str], list[float]] = {}
+        for rep in range(reps):
+            for way in list(ways) if rep % 2 == 0 else list(ways)[::-1]:
+                took, made = bench.ccr(
+                    ["create", ref, "--stop", "--compress", "none", "--json"], ways[way]
+                )
+                assert isinstance(made, dict)
+                times.setdefault((way, "create"), []).append(took)
+                reap_zombies()
+                evict(Path(made["path"]))
+                took, _ = bench.ccr(["restart", ref, "--json"], ways[way])
+                times.setdefault((way, "restart"), []).append(took)
+                bench.adopt_ccr_step(job)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    rows = ["| 64 MiB tree, as root | in-process s | service s | added s | target | verdict |"]
+    rows.append("|---|---|---|---|---|---|")
+    for name, what in (("create (--stop, none)", "create"), ("restart", "restart")):
+        local, served = median(times["in-process", what]), median(times["service", what])
+        verdict = "met" if served - local <= SERVICE_TARGET_S else "MISSED"
+        rows.append(
+            f"| {name} | {local:.3f} | {served:.3f} | {served - local:+.3f} | "
+            f"<= +{SERVICE_TARGET_S} | {verdict} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def wait_ready_path(path: Path, alive: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
 def clean_up(bench: Bench, *dirs: Path) -> None:
     """Cancel ccr's jobs, kill every process this run started (by PID), remove dirs."""
     try:
@@ -926,6 +998,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the CLI's per-call cost: read-only commands and create/restart overhead "
         "over raw CRIU (medians of --reps, default 10 here)",
     )
+    parser.add_argument(
+        "--service",
+        action="store_true",
+        help="only the node service's cost: create/restart through `ccr daemon` vs "
+        "in-process as root (medians of --reps, default 10 here)",
+    )
     parser.add_argument("--out", type=Path, help="also write the tables to this file")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/ccrbench"))
     parser.add_argument("--scratch", type=Path, default=Path("/dev/shm/ccrbench"))
@@ -957,6 +1035,25 @@ def main(argv: list[str] | None = None) -> int:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         sys.exit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
     bench = Bench(args.criu, fresh_dir(args.scratch), fresh_dir(args.storage))
+    if args.service:
+        began = time.monotonic()
+        reps = args.reps if args.reps != 3 else 10
+        try:
+            table = service_bench(bench, reps)
+        finally:
+            clean_up(bench, args.scratch, args.storage)
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        table = (
+            f"ccr node service per-call cost, {time.strftime('%Y-%m-%d %H:%M')}, median of "
+            f"{reps}; kernel {platform.release()}, {os.cpu_count()} CPUs, load average "
+            f"{load} at the end (a shared machine: the figures move with its load).\n\n"
+            + table
+            + f"\nRun time {time.monotonic() - began:.0f} s.\n"
+        )
+        print(table)
+        if args.out:
+            args.out.write_text(table)
+        return 0
     if args.cli:
         began = time.monotonic()
         try:

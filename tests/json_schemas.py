@@ -129,7 +129,8 @@ SHOWN = obj(
         "restart_count": COUNT,
         "gpu": {"type": ["object", "null"]},
         "processes": {"type": "array", "items": {"type": "object"}},
-    }
+    },
+    {"rank": COUNT},  # a rank of a multi-node step
 )
 SHOW = obj({"checkpoints": {"type": "array", "items": SHOWN, "minItems": 1}})
 LIST = obj(

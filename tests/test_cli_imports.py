@@ -22,7 +22,7 @@ FORBIDDEN = (
     "ccr.engines.criu",
     "ccr.engines.compression",
     "ccr.engines.gpu",
-    "ccr.engines.slurm",
+    "ccr.engines.slurm_cli",
     "ccr.controller.checkpoint",
     "ccr.controller.restart",
     "pycriu",

@@ -326,7 +326,7 @@ ENV_ELSEWHERE = {
     # The step starts with the environment of the user who launched it.
     "controller/run.py": ("env = dict(os.environ)",),
     # srun's environment: the caller's, less its own step's variables.
-    "engines/slurm.py": ("for k, v in os.environ.items() if not k.startswith(",),
+    "engines/slurm_cli.py": ("for k, v in os.environ.items() if not k.startswith(",),
     # The node service's client sends its caller's whole environment to the service...
     "service/client.py": ('"env": dict(os.environ)',),
     # ... and the service builds each worker's from it and its own settings, and passes

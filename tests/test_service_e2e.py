@@ -142,7 +142,10 @@ def service() -> Iterator[Service]:
     subprocess.run(["chmod", "-R", "a+rX", str(pkg)], check=True)
     state = root / "state"
     sock = root / "run" / "ccr.sock"
+    # The service's fast scratch (its tmpfs container) under root too: tests see its leftovers.
+    (root / "fast").mkdir()
     env = {**os.environ, "CCR_STATE_DIR": str(state), "PYTHONPATH": str(pkg)}
+    env["CCR_SCRATCH"] = str(root / "fast")
     env.pop("CCR_SOCKET", None)
     proc = subprocess.Popen(
         [str(OPT_PYTHON), "-m", "ccr", "daemon", "--socket", str(sock)],
@@ -331,12 +334,51 @@ def test_protocol_abuse_keeps_serving(service: Service) -> None:
     assert service.ccr("ccr-carol", "list").returncode == 0
 
 
+def _criu_of(service: Service) -> bool:
+    """Whether a descendant of the service runs CRIU now (a dump or restore under way)."""
+    todo = [service.proc.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            if pid != service.proc.pid and Path(f"/proc/{pid}/comm").read_text() == "criu\n":
+                return True
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return False
+
+
+def _workers(service: Service) -> set[str]:
+    pid = service.proc.pid
+    return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+
+def _kill_client(
+    service: Service, proc: subprocess.Popen[str], after: float = 0.0, criu: bool = True
+) -> None:
+    """SIGKILL the user's ccr itself (runuser's child: killing runuser leaves it running)
+    `after` seconds after its request is in flight (criu: its CRIU runs; else: its
+    worker was forked), then reap runuser."""
+    before = _workers(service)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    client = wait_for(lambda: children.read_text().split(), 30, "the client")[0]
+    deadline = time.monotonic() + 60
+    # polled without a pause: a small dump takes ~0.1 s
+    while not (_criu_of(service) if criu else _workers(service) - before):
+        assert proc.poll() is None and time.monotonic() < deadline, "request not seen"
+    time.sleep(after)
+    try:
+        os.kill(int(client), signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the request was done first (a restart of a small tree takes ~0.2 s)
+    proc.communicate(timeout=60)
+
+
 def test_client_disconnect_mid_create_rolls_back(service: Service) -> None:
     out = _running(service, "ccr-dave", 74014)
     proc = service.popen("ccr-dave", "create", "74014")
-    time.sleep(0.3)
-    proc.kill()  # the client vanishes mid-request
-    proc.wait()
+    _kill_client(service, proc)  # the client vanishes mid-dump
 
     def settled() -> bool:
         st = service.status("ccr-dave", 74014)["steps"][0]
@@ -394,3 +436,150 @@ def test_unreachable_service_exit_9(service: Service) -> None:
     assert proc.returncode == 9
     assert proc.stderr.startswith("ccr: error:") and "ccr daemon" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+API_SCRIPT = """
+import json, sys, ccr
+from ccr.controller.checkpoint import CheckpointResult
+from ccr.controller.restart import RestartResult
+from ccr.errors import PermissionDeniedError
+job = int(sys.argv[1])
+if sys.argv[2] == "alice":
+    step = ccr.run(["python3", "counter.py"], job_id=job)
+    import time
+    time.sleep(1.5)
+    made = ccr.create(job)
+    assert isinstance(made, CheckpointResult), made
+    verified = ccr.verify(made.link)
+    ccr.cancel(job)
+    back = ccr.restart(job)
+    assert isinstance(back, list) and isinstance(back[0], RestartResult), back
+    st = ccr.status(job)
+    shown = ccr.show(str(made.link))
+    print(json.dumps({"step": step, "path": str(made.path), "verified": len(verified),
+                      "pid": back[0].pid, "state": st["steps"][0]["state"], "shown": len(shown)}))
+else:
+    for call in (lambda: ccr.create(job), lambda: ccr.cancel(job), lambda: ccr.status(job)):
+        try:
+            call()
+        except PermissionDeniedError as exc:
+            print("refused:", exc)
+        else:
+            raise SystemExit("not refused")
+"""
+
+
+def test_python_api_as_alice_goes_through_the_service(service: Service) -> None:
+    alice = pwd.getpwnam("ccr-alice")
+    service.program("ccr-alice")
+    script = service.home("ccr-alice") / "api.py"
+    script.write_text(API_SCRIPT)
+    os.chown(script, alice.pw_uid, alice.pw_gid)
+    proc = subprocess.run(
+        [RUNUSER, "-u", "ccr-alice", "--", str(OPT_PYTHON), str(script), "77010", "alice"],
+        cwd=service.home("ccr-alice"),
+        env=service.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert done["step"] == "77010.0" and done["state"] == "running" and done["verified"] >= 1
+    assert Path(done["path"]).stat().st_uid == alice.pw_uid
+    assert _uids(done["pid"])[0] == [alice.pw_uid] * 4  # restored as alice, by the service
+    bob = subprocess.run(
+        [RUNUSER, "-u", "ccr-bob", "--", str(OPT_PYTHON), "-c", API_SCRIPT, "77010", "bob"],
+        cwd="/",
+        env=service.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bob.returncode == 0 and bob.stdout.count("refused: job 77010") == 3, bob
+    assert service.status("ccr-alice", 77010)["steps"][0]["state"] == "running"
+    service.ccr("ccr-alice", "cancel", "77010")
+
+
+def _alice_counters(service: Service) -> list[int]:
+    """Live processes of alice's counter.py run in her home of this service."""
+    home = str(service.home("ccr-alice"))
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and b"counter.py" in (entry / "cmdline").read_bytes()
+                and os.readlink(entry / "cwd") == home
+                and (entry / "stat").read_text().split(")")[1].split()[0] != "Z"
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _scratch_left(service: Service) -> list[Path]:
+    containers = [*service.root.glob(".ccr-service-*"), *(service.root / "fast").glob(".ccr-*")]
+    return [p for c in containers for p in c.iterdir()]
+
+
+def test_client_disconnect_mid_restart_restores_or_rolls_back(service: Service) -> None:
+    out = _running(service, "ccr-alice", 77011)
+    service.ccr("ccr-alice", "create", "77011")
+    service.ccr("ccr-alice", "cancel", "77011")
+    outcomes = set()
+    for delay in (0.0, 0.05, 0.1, 0.15):
+        proc = service.popen("ccr-alice", "restart", "77011")
+        _kill_client(service, proc, delay, criu=False)  # gone mid-restart: worker SIGTERMed
+
+        def settled() -> str | None:
+            state = service.status("ccr-alice", 77011)["steps"][0]["state"]
+            return state if state != "vacating" and not _scratch_left(service) else None
+
+        state = wait_for(settled, 30, "restart settled")
+        counters = _alice_counters(service)
+        if state == "running":  # restored before the disconnect came: exactly one tree
+            outcomes.add("restored")
+            assert len(counters) == 1, counters
+            n = len(numbers(out))
+            wait_for(lambda n=n: len(numbers(out)) > n + 2, 30, "restored job producing")
+            service.ccr("ccr-alice", "cancel", "77011")
+            wait_for(lambda: not _alice_counters(service), 30, "cancelled")
+        else:  # rolled back: nothing of it runs
+            outcomes.add("rolled back")
+            assert counters == [], (state, counters)
+    assert _scratch_left(service) == []
+    service.ccr("ccr-alice", "restart", "77011")  # and the checkpoint still restores
+    assert len(_alice_counters(service)) == 1
+    service.ccr("ccr-alice", "cancel", "77011")
+    print("outcomes:", sorted(outcomes))
+
+
+def test_interval_checkpoints_as_alice(service: Service) -> None:
+    alice = pwd.getpwnam("ccr-alice")
+    out = _running(service, "ccr-alice", 77012, "--checkpoint", "0:01", "--keep", "2")
+
+    def taken() -> int:
+        last = service.status("ccr-alice", 77012)["last_checkpoint"]
+        return 0 if last is None else int(last["path"].rsplit(".", 1)[1])
+
+    wait_for(lambda: taken() >= 3, 60, "three interval checkpoints")
+    home = service.home("ccr-alice")
+    gens = [p for p in home.iterdir() if p.name.startswith("77012.0.ckpt.")]
+    assert 1 <= len(gens) <= 3, gens  # --keep 2 (and one being published)
+    for path in [home / "77012.0.ckpt", *gens]:
+        assert path.lstat().st_uid == alice.pw_uid
+    for gen in gens:
+        assert all(p.stat().st_uid == alice.pw_uid for p in gen.rglob("*"))
+        assert all(p.stat().st_mode & 0o077 == 0 for p in gen.rglob("*") if not p.is_symlink())
+    init = service.status("ccr-alice", 77012)["steps"][0]["init_pid"]
+    os.kill(init, signal.SIGKILL)  # lost: back to the last interval checkpoint
+    wait_for(lambda: service.status("ccr-alice", 77012)["steps"][0]["state"] == "failed", 30)
+    before = numbers(out)
+    service.ccr("ccr-alice", "restart", "77012")
+    wait_for(lambda: len(numbers(out)) > len(before) + 5, 30, "restored output")
+    after = numbers(out)[len(before) :]
+    assert 0 < after[0] <= before[-1] + 1  # from an interval checkpoint's state, not from 0
+    assert after == list(range(after[0], after[0] + len(after)))
+    service.ccr("ccr-alice", "cancel", "77012")

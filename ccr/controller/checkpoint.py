@@ -10,6 +10,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ccr import config, identity, interrupts, progress
 from ccr.controller.runtime import Runtime
@@ -20,6 +21,7 @@ from ccr.engines.criu import Criu, criu_options
 from ccr.engines.taskcreds import refuse_foreign_tasks
 from ccr.errors import NO_SPACE, CcrError, JobStateError, MaxWaitExceeded, StorageError
 from ccr.ids import JobRef, StepId, checkpoint_name
+from ccr.storage import layout
 from ccr.storage import registry as reg
 from ccr.storage.imageset import (
     CheckpointSeries,
@@ -117,17 +119,158 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
     running (also with stop=True: it is killed only after the publish), and the error is
     recorded as the job's last checkpoint error.
     """
-    started = time.monotonic()
-    deadline = Deadline.after(opts.max_wait)  # the one MaxWait of every wait below
     with rt.registry() as db:
         job = db.job(ref.job_id)
         if job.disabled:
             raise JobStateError(f"checkpoints of job {ref.job_id} are disabled")
         steps = _live_steps(db, ref)
-    image_dir = opts.image_dir or Path(job.checkpoint_dir)
+    image_dir = layout.default_image_dir(job, opts.image_dir)
+    series = CheckpointSeries(image_dir, checkpoint_name(ref))
+    return run_checkpoint(rt, ref, job, steps, opts, SeriesStaging(series, ref, opts.mkdir))
+
+
+class StagingArea(Protocol):
+    """Where one checkpoint's images are written before anything is published."""
+
+    def dir_for(self, step: reg.StepRecord) -> Path:
+        """The (new, private) directory step's images go to."""
+
+    def remove(self) -> None:
+        """Remove what dir_for made (an aborted checkpoint leaves nothing behind)."""
+
+    def decide(self, pending: PendingCheckpoint) -> Path:
+        """Publish pending (or learn where it was published); raise to abort it."""
+
+    def abandoned(self, exc: MaxWaitExceeded) -> MaxWaitExceeded:
+        """The error a dump that ran past MaxWait reports."""
+
+
+class SeriesStaging:
+    """This node's checkpoint: a staging directory of the series, published by us at once."""
+
+    def __init__(self, series: CheckpointSeries, ref: JobRef, mkdir: bool) -> None:
+        self.series = series
+        self.ref = ref
+        self.mkdir = mkdir
+        self.staging: Path | None = None
+
+    def dir_for(self, step: reg.StepRecord) -> Path:
+        if self.staging is None:
+            self.staging = self.series.begin(mkdir=self.mkdir)
+        if self.ref.step_id is not None:
+            return self.staging
+        step_dir = self.staging / str(step.step_id)
+        make_private_dir(step_dir)
+        return step_dir
+
+    def remove(self) -> None:
+        if self.staging is not None:
+            discard(self.staging)
+
+    def decide(self, pending: PendingCheckpoint) -> Path:
+        assert self.staging is not None
+        if self.ref.step_id is None:
+            job_manifest = JobManifest(
+                job_id=self.ref.job_id,
+                steps=[s.step_id for s, _ in pending.dumped],
+                created=time.time(),
+                hostname=socket.gethostname(),
+                total_time=time.monotonic() - pending.started,
+            )
+            write_signed(self.staging / JOB_MANIFEST, job_manifest.to_dict(), pending.key)
+        # Once the checkpoint is being published, Ctrl-C no longer undoes it: the shield
+        # defers the signal to the caller, who asks interrupts.pending().
+        pending.shield()
+        return self.series.publish(self.staging).path
+
+    def abandoned(self, exc: MaxWaitExceeded) -> MaxWaitExceeded:
+        return MaxWaitExceeded(
+            f"checkpoint of {self.ref} abandoned: {exc}; the job is running, nothing was published"
+        )
+
+
+@dataclass
+class PendingCheckpoint:
+    """Every step dumped, nothing published: commit() makes it the newest checkpoint (after
+    the publish), abort() undoes it (images removed, trees and GPU state given back)."""
+
+    rt: Runtime
+    ref: JobRef
+    opts: CheckpointOptions
+    keep: int
+    key: bytes
+    started: float
+    staging: StagingArea
+    published: ExitStack
+    touched: list[reg.StepRecord] = field(default_factory=list)
+    gpu_seqs: list[gpu.GpuSequence] = field(default_factory=list)
+    dumped: list[tuple[reg.StepRecord, StepManifest]] = field(default_factory=list)
+
+    def shield(self) -> None:
+        """Past the point of no return: an interrupt from here on is only noted."""
+        self.published.enter_context(interrupts.shielded())
+
+    def abort(self) -> None:
+        self.staging.remove()
+        _resume(self.rt, self.touched)  # SIGCONT first: a stopped process cannot give its GPU back
+        for seq in self.gpu_seqs:
+            seq.rollback()
+
+    def commit(self, path: Path) -> CheckpointResult:
+        """path: the published generation.  Vacated trees die now; old generations go."""
+        if self.opts.stop:
+            _kill_vacated(self.rt, [s for s, _ in self.dumped])
+        series = CheckpointSeries(path.parent, checkpoint_name(self.ref))
+        series.prune(self.keep)
+        manifests = [m for _, m in self.dumped]
+        total = time.monotonic() - self.started
+        result = CheckpointResult(
+            ref=self.ref,
+            path=path,
+            link=series.link,
+            steps=[s.step_id for s, _ in self.dumped],
+            frozen_time=sum(m.frozen_time for m in manifests),
+            total_time=total,
+            image_bytes=sum(m.image_bytes for m in manifests),
+            stored_bytes=sum(m.stored_bytes for m in manifests),
+            manifests=manifests,
+        )
+        with self.rt.registry() as db:
+            db.add_checkpoint(
+                reg.CheckpointRecord(
+                    job_id=self.ref.job_id,
+                    step_id=self.ref.step_id,
+                    path=str(path),
+                    created=time.time(),
+                    stored_bytes=result.stored_bytes,
+                    image_bytes=result.image_bytes,
+                    frozen_time=result.frozen_time,
+                    total_time=total,
+                )
+            )
+        return result
+
+
+def run_checkpoint(
+    rt: Runtime,
+    ref: JobRef,
+    job: reg.JobRecord,
+    steps: list[reg.StepRecord],
+    opts: CheckpointOptions,
+    staging: StagingArea,
+    deadline: Deadline | None = None,
+) -> CheckpointResult:
+    """The one checkpoint loop, of a single node's job and of one node of a multi-node one.
+
+    Under the job lock, with "Began at" set: dump every step into staging (a pending
+    checkpoint), let staging decide (publish it here, or hear the coordinator's word),
+    then commit (kill vacated trees, prune to the job's keep, record it) or abort.  Any
+    failure is recorded as the job's last checkpoint error; success clears it.
+    """
+    started = time.monotonic()
+    if deadline is None:
+        deadline = Deadline.after(opts.max_wait)  # the one MaxWait of every wait below
     keep = opts.keep if opts.keep is not None else job.keep
-    # Once the checkpoint is being published, Ctrl-C no longer undoes it: the shield (entered
-    # by _create_locked) defers the signal to the caller, who asks interrupts.pending().
     with ExitStack() as published:
         try:
             with rt.job_lock(ref.job_id, deadline):
@@ -140,9 +283,21 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
                     ]
                 _resume(rt, stale)
                 try:
-                    result = _create_locked(
-                        rt, ref, steps, image_dir, keep, opts, deadline, started, published
+                    key = rt.manifest_key(create=True)
+                    assert key is not None
+                    pending = PendingCheckpoint(
+                        rt, ref, opts, keep, key, started, staging, published
                     )
+                    try:
+                        _dump_all(pending, steps, deadline)
+                        path = staging.decide(pending)
+                    except MaxWaitExceeded as exc:
+                        pending.abort()
+                        raise staging.abandoned(exc) from None
+                    except BaseException:
+                        pending.abort()
+                        raise
+                    result = pending.commit(path)
                 finally:
                     with rt.registry() as db:
                         db.update_job(ref.job_id, ckpt_began=None)
@@ -151,7 +306,7 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
                 db.update_job(ref.job_id, last_error=str(exc), last_error_code=exc.exit_code)
             raise
         except KeyboardInterrupt as exc:
-            # Rolled back on the way here (_create_locked): recorded like any failed checkpoint.
+            # Rolled back on the way here (abort): recorded like any failed checkpoint.
             signum = interrupts.signum_of(exc)
             name = signal.Signals(signum).name
             with rt.registry() as db:
@@ -172,113 +327,36 @@ def create(rt: Runtime, ref: JobRef, opts: CheckpointOptions) -> CheckpointResul
 def _live_steps(db: reg.Registry, ref: JobRef) -> list[reg.StepRecord]:
     if ref.step is not None:
         step = db.step(ref.step)
-        if not _is_live(step):
+        if not is_live(step):
             raise JobStateError(f"step {ref} is not running (state: {step.state})")
         return [step]
-    steps = [s for s in db.steps(ref.job_id) if _is_live(s)]
+    steps = [s for s in db.steps(ref.job_id) if is_live(s)]
     if not steps:
         raise JobStateError(f"job {ref.job_id} has no running step to checkpoint")
     return steps
 
 
-def _is_live(step: reg.StepRecord) -> bool:
-    # A `vacating` step whose ccr died is recovered (resumed) once we hold the job lock.
+def is_live(step: reg.StepRecord) -> bool:
+    """A step a checkpoint can dump: running (or `vacating` with its ccr dead: such a step
+    is recovered, resumed, once the checkpoint holds the job lock) and its tree alive."""
     return step.state in (reg.RUNNING, reg.VACATING) and _alive_tree(step)
 
 
-def _create_locked(
-    rt: Runtime,
-    ref: JobRef,
-    steps: list[reg.StepRecord],
-    image_dir: Path,
-    keep: int,
-    opts: CheckpointOptions,
-    deadline: Deadline,
-    started: float,
-    published: ExitStack | None = None,
-) -> CheckpointResult:
-    key = rt.manifest_key(create=True)
-    assert key is not None
+def _dump_all(pending: PendingCheckpoint, steps: list[reg.StepRecord], deadline: Deadline) -> None:
+    rt, opts = pending.rt, pending.opts
     criu = rt.criu()
     criu_version = criu.version()
-    series = CheckpointSeries(image_dir, checkpoint_name(ref))
-    staging = series.begin(mkdir=opts.mkdir)
-    whole_job = ref.step_id is None
-    stopped: list[reg.StepRecord] = []
-    touched: list[reg.StepRecord] = []
-    gpu_seqs: list[gpu.GpuSequence] = []
-    manifests: list[StepManifest] = []
-    try:
-        for step in steps:
-            touched.append(step)
-            step_dir = staging / str(step.step_id) if whole_job else staging
-            if whole_job:
-                make_private_dir(step_dir)
-            if opts.stop:
-                with rt.registry() as db:
-                    if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
-                        raise JobStateError(f"step {step.id} stopped running")
-            manifest = _dump_step(
-                rt, criu, criu_version, step, step_dir, opts, deadline, key, gpu_seqs
-            )
-            if opts.stop:
-                stopped.append(step)
-            manifests.append(manifest)
-        if whole_job:
-            job_manifest = JobManifest(
-                job_id=ref.job_id,
-                steps=[s.step_id for s in steps],
-                created=time.time(),
-                hostname=socket.gethostname(),
-                total_time=time.monotonic() - started,
-            )
-            write_signed(staging / JOB_MANIFEST, job_manifest.to_dict(), key)
-        if published is not None:
-            published.enter_context(interrupts.shielded())
-        generation = series.publish(staging)
-    except MaxWaitExceeded as exc:
-        discard(staging)
-        _resume(rt, touched)  # SIGCONT first: a stopped process cannot give its GPU back
-        for seq in gpu_seqs:
-            seq.rollback()
-        raise MaxWaitExceeded(
-            f"checkpoint of {ref} abandoned: {exc}; the job is running, nothing was published"
-        ) from None
-    except BaseException:
-        discard(staging)
-        _resume(rt, touched)
-        for seq in gpu_seqs:
-            seq.rollback()
-        raise
-    if opts.stop:
-        _kill_vacated(rt, stopped)
-    series.prune(keep)
-    total = time.monotonic() - started
-    result = CheckpointResult(
-        ref=ref,
-        path=generation.path,
-        link=series.link,
-        steps=[s.step_id for s in steps],
-        frozen_time=sum(m.frozen_time for m in manifests),
-        total_time=total,
-        image_bytes=sum(m.image_bytes for m in manifests),
-        stored_bytes=sum(m.stored_bytes for m in manifests),
-        manifests=manifests,
-    )
-    with rt.registry() as db:
-        db.add_checkpoint(
-            reg.CheckpointRecord(
-                job_id=ref.job_id,
-                step_id=ref.step_id,
-                path=str(generation.path),
-                created=time.time(),
-                stored_bytes=result.stored_bytes,
-                image_bytes=result.image_bytes,
-                frozen_time=result.frozen_time,
-                total_time=total,
-            )
+    for step in steps:
+        pending.touched.append(step)
+        step_dir = pending.staging.dir_for(step)
+        if opts.stop:
+            with rt.registry() as db:
+                if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
+                    raise JobStateError(f"step {step.id} stopped running")
+        manifest = _dump_step(
+            rt, criu, criu_version, step, step_dir, opts, deadline, pending.key, pending.gpu_seqs
         )
-    return result
+        pending.dumped.append((step, manifest))
 
 
 def _dump_step(

@@ -12,7 +12,8 @@ from ccr import progress
 from ccr.controller.restart import load_image
 from ccr.controller.runtime import Runtime
 from ccr.engines.compression import Codec, Progress, compress_dir, decompress_dir
-from ccr.errors import StorageError, UsageError
+from ccr.errors import StorageError
+from ccr.storage import layout
 from ccr.storage.imageset import discard, fsync_dir, fsync_tree, scratch_dir, storage_error
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, FileEntry, write_signed
 
@@ -28,25 +29,16 @@ def exchange(a: Path, b: Path) -> None:
         raise storage_error(a, OSError(err, os.strerror(err)), "swapping in")
 
 
-def step_dirs(generation: Path) -> list[Path]:
-    """The step checkpoint directories of a generation (itself, or one per step of a job)."""
-    if (generation / MANIFEST).exists():
-        return [generation]
-    if (generation / JOB_MANIFEST).exists():
-        return sorted(p for p in generation.iterdir() if p.is_dir() and p.name.isdigit())
-    raise UsageError(f"{generation} is not a ccr checkpoint")
-
-
 def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
     """Re-store every file of checkpoint with codec; a crash half-way leaves it usable.
 
     The new copy is built beside the old one, verified, then swapped in with one atomic
     rename, so at every moment the checkpoint's name holds a complete, signed checkpoint.
     """
+    # What the path names (a generation, or a step or rank directory in one) is rebuilt
+    # whole, each image directory at its place in it (load_image authenticates each).
+    dirs = layout.open_path(checkpoint, None).dirs()
     generation = checkpoint.resolve()
-    if not generation.is_dir():
-        raise UsageError(f"{checkpoint} is not a ccr checkpoint")
-    dirs = step_dirs(generation)
     key = rt.manifest_key(create=False)
     if key is None:
         raise StorageError("no manifest key in this state directory: cannot re-sign")
@@ -56,8 +48,10 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
         staging.mkdir(mode=0o700)
         for src in dirs:
             image = load_image(rt, src)
-            dst = staging if src == generation else staging / src.name
-            dst.mkdir(mode=0o700, exist_ok=True)
+            dst = staging
+            for part in src.relative_to(generation).parts:  # <step>/<rank>/ in a job's
+                dst = dst / part
+                dst.mkdir(mode=0o700, exist_ok=True)
             packed = any(f.codec != "none" for f in image.manifest.files)
             raw = (
                 scratch_dir(image.manifest.image_bytes, generation.parent, "convert")

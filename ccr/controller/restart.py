@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
 import time
@@ -28,23 +27,15 @@ from ccr.errors import (
     StorageError,
     UsageError,
 )
-from ccr.ids import JobRef, StepId, checkpoint_name, parse_job_ref
+from ccr.ids import JobRef, StepId, parse_job_ref
+from ccr.storage import layout
 from ccr.storage import registry as reg
-from ccr.storage.imageset import (
-    CheckpointSeries,
-    checkpoint_step_dirs,
-    checkpoints_in,
-    discard,
-    scratch_dir,
-    series_dir,
-)
+from ccr.storage.imageset import discard, scratch_dir
 from ccr.storage.manifest import (
     JOB_MANIFEST,
-    MANIFEST,
     JobManifest,
     StepManifest,
     load_step_manifest,
-    read_json,
     read_verified,
     verify_files,
 )
@@ -75,13 +66,11 @@ class RestartResult:
     unpack_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        gen = self.checkpoint.parent if self.checkpoint.name.isdigit() else self.checkpoint
-        suffix = gen.name.rsplit(".", 1)[-1]
         return {
             "step": str(self.step),
             "job_id": self.step.job_id,
             "step_id": self.step.step_id,
-            "generation": int(suffix) if suffix.isdigit() else None,
+            "generation": layout.generation_number(layout.generation_of(self.checkpoint)),
             "pid": self.pid,
             "supervisor_pid": self.supervisor_pid,
             "checkpoint": str(self.checkpoint),
@@ -90,77 +79,31 @@ class RestartResult:
         }
 
 
-def default_image_dir(rt: Runtime, job_id: int) -> Path:
-    """The job's checkpoint dir from the registry, else the current directory."""
-    with rt.registry() as db:
-        job = db.find_job(job_id)
-    return Path(job.checkpoint_dir) if job else Path.cwd()
+@dataclass
+class RestartOptions:
+    """How to restart (`ccr restart`, `ccr.restart`, `ccr checkpoint restart`)."""
+
+    image_dir: Path | None = None  # None: the job's checkpoint dir
+    stick_to_nodes: bool = False
+    max_wait: float | None = None
+    # A checkpoint whose manifest names another job than its file name (a renamed copy) is
+    # restored under the id asked for; without it, such a checkpoint is refused.
+    rename: bool = False
+    # The restored steps' later checkpoints also keep TCP connections to peers outside the
+    # step (as CCR_TCP_ESTABLISHED=1 does).
+    tcp_established: bool = False
+    new_job: bool = False  # a multi-node checkpoint: submit a new job, never requeue
 
 
-def find_images(rt: Runtime, ref: JobRef, image_dir: Path) -> list[Path]:
-    """The newest complete checkpoint directory of each step that ref names."""
-    return [path for _, path in find_named_images(ref, image_dir)]
-
-
-def find_named_images(ref: JobRef, image_dir: Path) -> list[tuple[StepId, Path]]:
-    """The newest complete checkpoint of each step that ref names, with the step its name
-    says it holds.
-
-    A whole-job checkpoint (`<jobid>.ckpt`) and per-step ones (`<jobid>.<stepid>.ckpt`)
-    compete: for each step the most recent one wins.
-    """
-    if not image_dir.exists():
-        raise StorageError(f"image directory {image_dir} does not exist")
-    if not image_dir.is_dir():
-        raise StorageError(f"image directory {image_dir} is not a directory")
-    if not os.access(image_dir, os.R_OK | os.X_OK):
-        raise StorageError(f"image directory {image_dir} is not readable")
-    candidates: dict[int, tuple[float, Path]] = {}
-
-    def offer(step_id: int, path: Path) -> None:
-        created = _created(path / MANIFEST)
-        if step_id not in candidates or created > candidates[step_id][0]:
-            candidates[step_id] = (created, path)
-
-    job_gen = CheckpointSeries(image_dir, checkpoint_name(JobRef(ref.job_id))).newest()
-    if job_gen is not None:
-        for sub in sorted(job_gen.path.iterdir()):
-            if sub.is_dir() and sub.name.isdigit() and (ref.step_id in (None, int(sub.name))):
-                offer(int(sub.name), sub)
-    present = checkpoints_in(image_dir)
-    if ref.step_id is not None:
-        step_ids = [ref.step_id]
-    else:
-        step_ids = [s for j, s, _ in present if j == ref.job_id and s is not None]
-    for step_id in step_ids:
-        gen = CheckpointSeries(image_dir, checkpoint_name(StepId(ref.job_id, step_id))).newest()
-        if gen is not None:
-            offer(step_id, gen.path)
-    if not candidates:
-        raise NotFoundError(_nothing_found(ref, image_dir, present))
-    return [(StepId(ref.job_id, s), candidates[s][1]) for s in sorted(candidates)]
-
-
-def _nothing_found(ref: JobRef, image_dir: Path, present: list[tuple[int, int | None, str]]) -> str:
-    """'No checkpoint', saying what IS in the directory and what the user may have meant."""
-    head = f"no complete checkpoint of {ref} in {image_dir}"
-    if not present:
-        return f"{head} (it holds no <jobid>.ckpt or <jobid>.<stepid>.ckpt)"
-    names = [name for _, _, name in present]
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    mine = [s for j, s, _ in present if j == ref.job_id and s is not None]
-    if mine:
-        guess = f"{ref.job_id}.{mine[0]}"
-    else:
-        guess = str(present[0][0]) if len({j for j, _, _ in present}) == 1 else ""
-    return f"{head}; found {shown}" + (f"; did you mean {guess}?" if guess else "")
-
-
-def _created(manifest: Path) -> float:
-    try:
-        return float(json.loads(manifest.read_text()).get("created", 0.0))
-    except (OSError, ValueError):
-        return 0.0
+def refuse_multi_node(steps: list[layout.StepCheckpoint], how: str) -> None:
+    """A multi-node checkpoint is restored by Slurm tasks, never as local steps here."""
+    multi = [s for s in steps if s.multi_node]
+    if multi:
+        s = multi[0]
+        raise UsageError(
+            f"{s.path} is a multi-node checkpoint of {s.step} ({s.ntasks} ranks on "
+            f"{', '.join(sorted(set(s.ranks.values())))}): {how}"
+        )
 
 
 def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
@@ -171,9 +114,9 @@ def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
     key = rt.manifest_key(create=False)
     manifest = load_step_manifest(path, key)
     verify_files(path, manifest, hash_packed=full)
-    parent = path.parent
-    if (parent / JOB_MANIFEST).exists():
-        JobManifest.from_dict(read_verified(parent / JOB_MANIFEST, key))
+    generation = layout.generation_of(path)
+    if generation != path:  # a step (or rank) of a whole-job or multi-node checkpoint
+        JobManifest.from_dict(read_verified(generation / JOB_MANIFEST, key))
     return StepImage(path, manifest)
 
 
@@ -211,19 +154,15 @@ def preflight(rt: Runtime, image: StepImage, stick_to_nodes: bool) -> None:
     openfiles.refuse_if_needed(file_plans(image), str(image.step))
 
 
-def generation_of(path: Path) -> int:
-    """The generation number of a step checkpoint dir (`42.0.ckpt.7`, or `42.ckpt.7/0`);
+def image_generation(path: Path) -> int:
+    """The generation number of an image dir (`42.0.ckpt.7`, `42.ckpt.7/0`, `42.ckpt.7/0/1`);
     0 for a copy not named like one."""
-    for part in (path.name, path.parent.name):
-        head, _, suffix = part.rpartition(".")
-        if suffix.isdigit() and head.endswith(".ckpt"):
-            return int(suffix)
-    return 0
+    return layout.generation_number(layout.generation_of(path)) or 0
 
 
 def file_plans(image: StepImage) -> list[openfiles.FilePlan]:
     """What a restart of image would do to each file the job was writing (changes nothing)."""
-    return openfiles.plan(image.manifest.written_files, generation_of(image.path))
+    return openfiles.plan(image.manifest.written_files, image_generation(image.path))
 
 
 def _major(version: str) -> int:
@@ -328,7 +267,7 @@ def restore_into(
         # the size it recorded, and the job the contents it wrote); planned again here, as
         # files may have changed since preflight looked.
         undo_files = openfiles.put_back(
-            file_plans(image), raw_dir, generation_of(image.path), str(image.step)
+            file_plans(image), raw_dir, image_generation(image.path), str(image.step)
         )
         # CRIU reports no progress: a spinner names the phase instead of a blank screen.
         # A tree dumped with its TCP connections is restored with them; the supervisor's
@@ -360,7 +299,7 @@ def restore_into(
             # Without its GPU memory the job is not restored.
             gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
         with rt.registry() as db:
-            db.ensure_job(image.step.job_id, str(series_dir(image.path)))
+            db.ensure_job(image.step.job_id, str(layout.series_dir(image.path)))
             existing = db.find_step(image.step)
         m = image.manifest
         record = existing or reg.StepRecord(
@@ -392,30 +331,21 @@ def restore_into(
     )
 
 
-def restart(
-    rt: Runtime,
-    ref: JobRef,
-    image_dir: Path | None = None,
-    stick_to_nodes: bool = False,
-    max_wait: float | None = None,
-    rename: bool = False,
-    tcp_established: bool = False,
-) -> list[RestartResult]:
-    """Restore every step that ref names from its newest checkpoint, each under a supervisor.
-
-    rename: a checkpoint whose manifest names another job than its file name (a renamed
-    copy) is restored under the id asked for; without it, such a checkpoint is refused.
-    tcp_established: the restored steps' later checkpoints also keep TCP connections to
-    peers outside the step (as CCR_TCP_ESTABLISHED=1 does).
-    """
-    image_dir = image_dir or default_image_dir(rt, ref.job_id)
-    with _nothing_restored_if_interrupted():
-        images = [
-            as_step(load_image(rt, path, full=False), step, rename)
-            for step, path in find_named_images(ref, image_dir)
-        ]
+def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResult]:
+    """Restore every step that ref names from its newest checkpoint, each under a supervisor
+    (a multi-node one is refused: controller.dispatch hands it to Slurm)."""
+    image_dir = rt.image_dir(ref.job_id, opts.image_dir)
+    with nothing_restored_if_interrupted():
+        steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
+        refuse_multi_node(steps, f"restart it through Slurm (ccr restart {ref.job_id})")
+        images = [as_step(load_image(rt, s.path, full=False), s.step, opts.rename) for s in steps]
     return restart_images(
-        rt, images, image_dir, stick_to_nodes, Deadline.after(max_wait), tcp_established
+        rt,
+        images,
+        image_dir,
+        opts.stick_to_nodes,
+        Deadline.after(opts.max_wait),
+        opts.tcp_established,
     )
 
 
@@ -439,41 +369,37 @@ def checkpoint_path(target: str) -> Path | None:
 
 def ref_of_path(path: Path) -> JobRef:
     """The job (or step, when it holds one) that the checkpoint at path names."""
-    steps = [read_json(d / MANIFEST) for d in checkpoint_step_dirs(path)]
-    try:
-        ids = {(int(m["job_id"]), int(m["step_id"])) for m in steps}
-    except (KeyError, TypeError, ValueError):
-        raise UsageError(f"{path} is not a ccr checkpoint") from None
-    jobs = {job for job, _ in ids}
+    steps = layout.open_path(path, None).steps
+    jobs = {s.step.job_id for s in steps}
     if len(jobs) != 1:
         raise IntegrityError(f"{path} holds steps of several jobs: {sorted(jobs)}")
     job = jobs.pop()
-    return JobRef(job, next(iter(ids))[1] if len(ids) == 1 else None)
+    return JobRef(job, steps[0].step.step_id if len(steps) == 1 else None)
 
 
 def images_at(rt: Runtime, path: Path) -> list[StepImage]:
     """The verified step checkpoints a path names (link, generation or step dir), under the
     ids their manifests carry (like `dmtcp_restart FILE`)."""
-    return [load_image(rt, d, full=False) for d in checkpoint_step_dirs(path)]
+    opened = layout.open_path(path, rt.manifest_key(create=False))
+    if opened.multi_node:
+        job, where = opened.steps[0].step.job_id, layout.series_dir(opened.path)
+        refuse_multi_node(
+            opened.steps, f"restart it by job id (ccr restart {job} --image-dir {where})"
+        )
+    return [load_image(rt, d, full=False) for d in opened.dirs()]
 
 
-def restart_path(
-    rt: Runtime,
-    path: Path,
-    stick_to_nodes: bool = False,
-    max_wait: float | None = None,
-    tcp_established: bool = False,
-) -> list[RestartResult]:
+def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
-    with _nothing_restored_if_interrupted():
+    with nothing_restored_if_interrupted():
         images = images_at(rt, path)
     return restart_images(
         rt,
         images,
-        series_dir(images[0].path),
-        stick_to_nodes,
-        Deadline.after(max_wait),
-        tcp_established,
+        layout.series_dir(images[0].path),
+        opts.stick_to_nodes,
+        Deadline.after(opts.max_wait),
+        opts.tcp_established,
     )
 
 
@@ -535,7 +461,7 @@ def restart_images(
 
 
 @contextmanager
-def _nothing_restored_if_interrupted() -> Iterator[None]:
+def nothing_restored_if_interrupted() -> Iterator[None]:
     """An interrupt before any restore began (while finding and verifying images)."""
     try:
         yield

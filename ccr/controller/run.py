@@ -10,17 +10,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ccr import config, interrupts
-from ccr.controller import relay
+from ccr.controller import multinode_restart, placement, relay
 from ccr.controller import restart as rst
-from ccr.controller import slurm as slurmctl
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.deadline import Deadline
 from ccr.engines import process
 from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
 from ccr.ids import JobRef, StepId
+from ccr.storage import layout
 from ccr.storage import registry as reg
-from ccr.storage.imageset import checkpoints_in, prepare_image_dir
+from ccr.storage.imageset import prepare_image_dir
 
 
 @dataclass
@@ -95,14 +95,16 @@ def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         raise UsageError("no command given: ccr run [OPTIONS] -- CMD [ARGS...]")
     cwd = Path.cwd()
     env = dict(os.environ)
-    req.settings = slurmctl.task_settings(req.settings)
+    req.settings = placement.task_settings(req.settings)
     if not req.detach:
         req.settings = replace(req.settings, confirm_interrupt=True)
     step = _resolve_step(rt, req)
-    ckpt_dir = prepare_image_dir(req.checkpoint_dir or cwd, "checkpoint directory", req.mkdir)
-    env.update(slurmctl.task_exports(rt, step, ckpt_dir))
-    output = slurmctl.output_file(step, cwd, req.output, req.argv).resolve()
-    error = slurmctl.error_file(step, cwd, req.error, req.argv)
+    ckpt_dir = prepare_image_dir(
+        layout.default_image_dir(None, req.checkpoint_dir), "checkpoint directory", req.mkdir
+    )
+    env.update(placement.task_exports(rt, step, ckpt_dir))
+    output = placement.output_file(step, cwd, req.output, req.argv).resolve()
+    error = placement.error_file(step, cwd, req.error, req.argv)
     error = None if error is None else error.resolve()
     resume = _resume_image(
         rt, step, req.restart_dir or ckpt_dir, req.restart_dir is not None, req.argv
@@ -162,7 +164,7 @@ def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
             if resume is not None:
                 with rt.registry() as db:
                     db.bump_restart_count(step.job_id)
-            slurmctl.record_task(rt, step)
+            placement.record_task(rt, step)
         except BaseException:
             # Nobody was told the step runs (or its caller gave up): it must not run on.
             running.close()
@@ -223,20 +225,27 @@ def _resume_image(
     rt: Runtime, step: StepId, image_dir: Path, explicit: bool, argv: list[str]
 ) -> rst.StepImage | None:
     """The verified checkpoint to resume from, if one exists (an explicit dir must have one)."""
-    rank_dir = slurmctl.rank_image(rt, step, image_dir)
+    rank_dir = multinode_restart.rank_image(rt, step, image_dir)
     if rank_dir is not None:  # this task's rank of a multi-node checkpoint
         image = rst.load_image(rt, rank_dir, full=False)
     elif explicit:
         image = _from_restart_dir(rt, step, image_dir, argv)
     else:
         try:
-            paths = rst.find_images(rt, JobRef(step.job_id, step.step_id), image_dir)
+            found = layout.newest(
+                image_dir, JobRef(step.job_id, step.step_id), rt.manifest_key(create=False)
+            )
         except (NotFoundError, StorageError):
             return None
-        image = rst.load_image(rt, paths[0], full=False)
+        rst.refuse_multi_node(found, _AS_A_TASK)
+        image = rst.load_image(rt, found[0].path, full=False)
     rst.preflight(rt, image, stick_to_nodes=False)
     print(f"ccr: resuming step {step} from {image.path}", file=sys.stderr)
     return image
+
+
+# A multi-node checkpoint outside Slurm (rank_image found no Slurm task to resume it in).
+_AS_A_TASK = "resume it as the same step of a Slurm job (srun with as many tasks), or ccr restart"
 
 
 def _from_restart_dir(
@@ -248,7 +257,7 @@ def _from_restart_dir(
     checkpoints, which are restored into the new id (their files untouched).  DIR holding
     several jobs' checkpoints is ambiguous and refused, naming them.
     """
-    present = checkpoints_in(restart_dir)
+    present = layout.checkpoints_in(restart_dir)
     jobs = sorted({job for job, _, _ in present})
     if step.job_id in jobs:
         source = step.job_id
@@ -263,9 +272,9 @@ def _from_restart_dir(
     else:
         raise NotFoundError(f"--restart-dir {restart_dir}: no ccr checkpoint in it")
     ref = JobRef(source, step.step_id if source == step.job_id else None)
-    found = [
-        (s, rst.load_image(rt, p, full=False)) for s, p in rst.find_named_images(ref, restart_dir)
-    ]
+    newest = layout.newest(restart_dir, ref, rt.manifest_key(create=False))
+    rst.refuse_multi_node(newest, _AS_A_TASK)
+    found = [(s.step, rst.load_image(rt, s.path, full=False)) for s in newest]
     if len(found) > 1:  # several steps: the one that ran this command, else this step id
         same = [f for f in found if f[1].manifest.argv == argv] or [
             f for f in found if f[0].step_id == step.step_id

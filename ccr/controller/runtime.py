@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ccr import config, identity
 from ccr.deadline import Deadline
 from ccr.locking import exclusive_lock
+from ccr.storage.layout import default_image_dir
 from ccr.storage.registry import Registry
 
 if TYPE_CHECKING:
@@ -35,6 +36,13 @@ class Runtime:
 
     def registry(self) -> Registry:
         return Registry.open(self.state_dir)
+
+    def image_dir(self, job_id: int, given: Path | None = None) -> Path:
+        """Where job_id's checkpoints are (layout.default_image_dir, with its registry record)."""
+        if given is not None:
+            return given
+        with self.registry() as db:
+            return default_image_dir(db.find_job(job_id))
 
     def criu(self) -> Criu:
         # Imported here: read-only commands (list, status) never load CRIU's protobufs.

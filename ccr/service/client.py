@@ -13,9 +13,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
-from ccr import config
 from ccr.errors import PermissionDeniedError
 from ccr.service import protocol
 
@@ -27,7 +27,11 @@ LOCAL_FIRST = {"--version", "--help", "-h", "--install-completion", "--show-comp
 
 
 def socket_path() -> Path:
-    return Path(config.service_socket() or DEFAULT_SOCKET)
+    """`CCR_SOCKET` (`%n` = this node's name, as in CCR_STATE_DIR: nodes that share one
+    /run, like the mini-cluster's, each have their own service), else /run/ccr/ccr.sock."""
+    from ccr.config import node_name, service_socket
+
+    return Path((service_socket() or DEFAULT_SOCKET).replace("%n", node_name()))
 
 
 class ServiceUnavailable(PermissionDeniedError):
@@ -60,22 +64,25 @@ def wants_service(argv: list[str]) -> bool:
         return False
     if os.geteuid() != 0:
         return True
-    path = config.service_socket()
-    if not path:
+    from ccr.config import service_socket
+
+    if not service_socket():
         return False
     try:
-        connect(Path(path)).close()
+        connect(socket_path()).close()
     except ServiceUnavailable:
         return False
     return True
 
 
-def call(argv: list[str]) -> int:
-    """Run argv in the service; return its exit code."""
+def call(argv: list[str], stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+    """Run argv in the service with stdio as its stdin, stdout and stderr; return its exit
+    code.  Signals are forwarded only from the main thread (the only one Python lets set
+    handlers: the Python API may be called from any)."""
     sock = connect()
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        protocol.send(sock, {"op": "cli", "argv": argv, "env": dict(os.environ)}, [cwd, 0, 1, 2])
+        protocol.send(sock, {"op": "cli", "argv": argv, "env": dict(os.environ)}, [cwd, *stdio])
     finally:
         os.close(cwd)
 
@@ -85,7 +92,8 @@ def call(argv: list[str]) -> int:
         except OSError:
             pass
 
-    old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, forward) for sig in FORWARDED} if main else {}
     try:
         while True:
             try:
@@ -104,3 +112,21 @@ def call(argv: list[str]) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         sock.close()
+
+
+def call_captured(argv: list[str]) -> tuple[int, str, str]:
+    """Run argv in the service with stdin /dev/null and stdout, stderr captured (memfds:
+    the service writes while this waits for its exit code, so no pipe can fill up)."""
+    out, err = os.memfd_create("ccr-stdout"), os.memfd_create("ccr-stderr")
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        code = call(argv, (null, out, err))
+        texts = []
+        for fd in (out, err):
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                texts.append(fh.read().decode(errors="replace"))
+        return code, texts[0], texts[1]
+    finally:
+        for fd in (out, err, null):
+            os.close(fd)

@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ from ccr.errors import EXIT_INTERNAL, CriuError, PermissionDeniedError
 from ccr.service import client, protocol
 
 REQUEST_TIMEOUT = 30.0  # seconds a connection may take to send its request
+# Once its client is gone (scancel's SIGKILL after KillWait, a dead srun), a worker has this
+# long to finish what the disconnect's SIGTERM started (a preemption checkpoint: 0.2-3 s
+# here for a small tree, a GiB in ~10 s) before it is killed and its steps with it: no
+# hung CRIU keeps a cancelled job's processes alive.
+ORPHAN_GRACE = 60.0
+# Slurm's clients a worker runs for a user run as that user (see _root_children_get).
+SLURM_CLIENTS = frozenset({"srun", "sbatch", "scontrol", "scancel", "squeue", "sinfo"})
 # ccr's own settings come from the service's environment, never from a caller's.
 SERVICE_KEYS = ("CCR_STATE_DIR", "CCR_KEY_FILE", "CCR_CRIU", "CCR_INIT", "CCR_SCRATCH", "CCR_DEBUG")
 SERVICE_PREFIX = identity.PRIVATE_SCRATCH_ENV
@@ -63,7 +71,17 @@ def serve(path: Path) -> int:
     from ccr import cli, config
 
     # Loaded once here, so that each forked worker starts warm (the point of forking).
-    for name in ("checkpoint", "restart", "run", "jobs", "inspect", "slurm", "supervisor"):
+    for name in (
+        "checkpoint",
+        "restart",
+        "run",
+        "jobs",
+        "describe",
+        "dispatch",
+        "coordinator",
+        "multinode_restart",
+        "supervisor",
+    ):
         __import__(f"ccr.controller.{name}")
     __import__("ccr.engines.criu")
     try:
@@ -97,7 +115,7 @@ def serve(path: Path) -> int:
     workers: set[int] = set()
     try:
         while not stop.is_set():
-            _reap(workers)
+            _reap(workers, state)
             try:
                 ready, _, _ = select.select([listener], [], [], 1.0)
             except InterruptedError:
@@ -129,14 +147,43 @@ def serve(path: Path) -> int:
     return 0
 
 
-def _reap(workers: set[int]) -> None:
+def _reap(workers: set[int], state: Path) -> None:
     for pid in list(workers):
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            done = pid
+            done, status = pid, 0
         if done:
             workers.discard(pid)
+            if os.WIFSIGNALED(status) or os.waitstatus_to_exitcode(status) == 70:
+                _end_orphans(state, pid)
+
+
+def _end_orphans(state: Path, worker: int) -> None:
+    """A worker that was killed (ORPHAN_GRACE, OOM, a crash) leaves the steps it supervised
+    (a foreground `ccr run`) with nobody to end them, and under proctrack/linuxproc Slurm
+    does not see them (they descend from the service, not from slurmstepd): kill them."""
+    from ccr.engines import process
+    from ccr.storage import registry as reg
+
+    try:
+        with reg.Registry.open(state) as db:
+            rows = db.db.execute(
+                "SELECT job_id, step_id, init_pid, init_start FROM steps "
+                "WHERE supervisor_pid = ? AND state IN (?, ?)",
+                (worker, reg.RUNNING, reg.VACATING),
+            ).fetchall()
+            for job_id, step_id, init_pid, init_start in rows:
+                if init_pid and process.start_time(init_pid) == init_start:
+                    # SIGKILL of a PID namespace's init kills every process in it.
+                    process.signal_process(init_pid, signal.SIGKILL)
+                    _log(f"worker {worker} died: killed step {job_id}.{step_id} (pid {init_pid})")
+                db.db.execute(
+                    "UPDATE steps SET state = ?, ended = ? WHERE job_id = ? AND step_id = ?",
+                    (reg.FAILED, time.time(), job_id, step_id),
+                )
+    except Exception as exc:  # noqa: BLE001 - the service serves on whatever this met
+        _log(f"cannot end the steps of worker {worker}: {exc}")
 
 
 def caller_of(pid: int, uid: int, gid: int) -> identity.Caller:
@@ -215,7 +262,7 @@ def _worker(conn: socket.socket, service_env: dict[str, str], cli: Any) -> int:
     os.environ.update(
         {k: v for k, v in service_env.items() if k in SERVICE_KEYS or k.startswith(SERVICE_PREFIX)}
     )
-    _root_children_get(service_env)
+    _root_children_get(service_env, env)
     os.dup2(stdin, 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
@@ -240,6 +287,7 @@ def _worker(conn: socket.socket, service_env: dict[str, str], cli: Any) -> int:
         sys.stderr.flush()
     except OSError:
         pass
+    _answered.set()  # the client may hang up now: that is no longer a SIGTERM
     try:
         protocol.send(conn, {"op": "exit", "code": code})
     except OSError:
@@ -247,31 +295,57 @@ def _worker(conn: socket.socket, service_env: dict[str, str], cli: Any) -> int:
     return 0
 
 
+_answered = threading.Event()
+
+
 def _listen(conn: socket.socket) -> None:
     """Signals the client forwards; its disconnect (killed, say) counts as SIGTERM: what
-    was under way is rolled back (create, restart) or checkpointed and ended (run)."""
+    was under way is rolled back (create, restart) or checkpointed and ended (run), and
+    ORPHAN_GRACE later the worker is killed (the service then kills its steps)."""
     allowed = set(client.FORWARDED)
     while True:
         try:
             message, _ = protocol.recv(conn)
         except (protocol.Disconnected, protocol.ProtocolError, OSError):
+            if _answered.is_set():
+                return
             os.kill(os.getpid(), signal.SIGTERM)
+            if not _answered.wait(ORPHAN_GRACE):
+                os.kill(os.getpid(), signal.SIGKILL)
             return
         signum = message.get("signum")
         if message.get("op") == "signal" and signum in allowed:
             os.kill(os.getpid(), int(signum))
 
 
-def _root_children_get(service_env: dict[str, str]) -> None:
-    """Programs this worker starts as root (CRIU, ss, scontrol) get the service's own
-    environment, never the caller's (LD_PRELOAD, PATH): only the step itself, which drops
-    to the caller before exec, runs in the caller's."""
+def _root_children_get(service_env: dict[str, str], caller_env: dict[str, str]) -> None:
+    """Programs this worker starts as root (CRIU, ss) get the service's own environment,
+    never the caller's (LD_PRELOAD, PATH): only the step itself, which drops to the caller
+    before exec, runs in the caller's.
+
+    Slurm's clients (srun, sbatch, scontrol, ...) run as the caller, in the caller's
+    environment less ccr's own settings: Slurm then authorizes every step, requeue and
+    update itself (a user's `ccr create J` of another user's job J is Slurm's refusal,
+    never a root srun into it), and the tasks an srun starts on the nodes are the
+    caller's, whose `ccr` goes to each node's own service as that user."""
     import subprocess
 
     original = subprocess.Popen.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("env") is None:
+        argv = args[0] if args else kwargs.get("args")
+        first = argv[0] if isinstance(argv, list | tuple) and argv else argv
+        caller = identity.current()
+        if os.path.basename(str(first)) in SLURM_CLIENTS and identity.served_user():
+            assert caller is not None
+            kwargs.update(user=caller.uid, group=caller.gid, extra_groups=list(caller.groups))
+            env = kwargs.get("env")
+            kwargs["env"] = {
+                k: v
+                for k, v in (caller_env if env is None else env).items()
+                if k not in SERVICE_KEYS and not k.startswith(SERVICE_PREFIX)
+            }
+        elif kwargs.get("env") is None:
             kwargs["env"] = service_env
         original(self, *args, **kwargs)
 

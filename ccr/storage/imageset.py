@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccr import config, identity
-from ccr.errors import NO_SPACE, NotFoundError, StorageError, UsageError
+from ccr.errors import NO_SPACE, StorageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
@@ -274,42 +274,6 @@ class CheckpointSeries:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-_LINK = re.compile(r"^(?P<job>\d+)(?:\.(?P<step>\d+))?\.ckpt$")
-
-
-def checkpoints_in(image_dir: Path) -> list[tuple[int, int | None, str]]:
-    """The checkpoint names in image_dir: (job id, step id or None for a whole job, name)."""
-    try:
-        entries = [entry.name for entry in image_dir.iterdir()]
-    except OSError:
-        return []
-    found = []
-    for name in entries:
-        match = _LINK.match(name)
-        if match:
-            step = match.group("step")
-            found.append((int(match.group("job")), None if step is None else int(step), name))
-    return sorted(found, key=lambda item: (item[0], -1 if item[1] is None else item[1]))
-
-
-def checkpoint_step_dirs(path: Path) -> list[Path]:
-    """The step checkpoint directories a path names: a `.ckpt` link, a generation, or a step
-    directory inside a whole-job generation.  Raises UsageError for anything else."""
-    target = path.resolve()
-    if (target / MANIFEST).is_file():
-        return [target]
-    if (target / JOB_MANIFEST).is_file():
-        return sorted(p for p in target.iterdir() if p.is_dir() and p.name.isdigit())
-    if not target.exists():
-        raise NotFoundError(f"{path} does not exist")
-    raise UsageError(f"{path} is not a ccr checkpoint (no {MANIFEST} or {JOB_MANIFEST} in it)")
-
-
-def series_dir(step_dir: Path) -> Path:
-    """The image directory holding the checkpoint series that step_dir belongs to."""
-    return step_dir.parent.parent if (step_dir.parent / JOB_MANIFEST).is_file() else step_dir.parent
-
-
 def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     """A private temporary directory for raw images: tmpfs when it has room, else fallback.
 
@@ -379,3 +343,11 @@ def _clean_dead_scratch(base: Path) -> None:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+    # A user's private scratch dir (emptied above, with the user's credentials) sits in the
+    # service's root-owned container, which only root may remove entries from.
+    if identity.served_user() and staging.parent in (
+        identity.private_container(fast=True),
+        identity.private_container(fast=False),
+    ):
+        with identity.privileged():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""`ccr show` and `ccr restart --check`: what a checkpoint holds, and what would block a restart."""
+"""`ccr show`, `ccr verify` and `ccr restart --check`: what a checkpoint holds, whether it is
+intact, and what would block a restart."""
 
 from __future__ import annotations
 
@@ -18,23 +19,33 @@ from ccr.controller.runtime import Runtime
 from ccr.engines import openfiles
 from ccr.errors import CcrError, NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
-from ccr.storage.imageset import checkpoint_step_dirs
-from ccr.storage.manifest import JOB_MANIFEST, MANIFEST, StepManifest, read_json
+from ccr.storage import layout
+from ccr.storage.manifest import MANIFEST, StepManifest, read_json
 from ccr.timestamps import stamp
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve(rt: Runtime, target: str, image_dir: Path | None = None) -> list[Path]:
-    """Step checkpoint directories named by a path (link, generation, step dir) or an id."""
+def resolve(rt: Runtime, target: str, image_dir: Path | None = None) -> list[layout.StepCheckpoint]:
+    """The step checkpoints named by a path (link, generation, step or rank dir) or an id
+    (the newest of each step it names)."""
+    key = rt.manifest_key(create=False)
     path = Path(target)
     if path.exists():
-        return checkpoint_step_dirs(path)
+        return layout.open_path(path, key).steps
     try:
         ref = parse_job_ref(target)
     except UsageError:
         raise NotFoundError(f"no checkpoint or job {target!r}") from None
-    return rst.find_images(rt, ref, image_dir or rst.default_image_dir(rt, ref.job_id))
+    return layout.newest(rt.image_dir(ref.job_id, image_dir), ref, key)
+
+
+def verify(rt: Runtime, target: str, image_dir: Path | None = None) -> list[Path]:
+    """Authenticate and check every file of each image directory target names; return them."""
+    dirs = [d for step in resolve(rt, target, image_dir) for d in step.dirs()]
+    for d in dirs:
+        rst.load_image(rt, d)
+    return dirs
 
 
 def _load_image_file(step_dir: Path, name: str) -> dict[str, Any] | None:
@@ -83,17 +94,13 @@ def process_tree(step_dir: Path) -> list[dict[str, Any]]:
     return procs
 
 
-def _generation_number(gen: Path) -> int | None:
-    """7 for `42.0.ckpt.7`; None for a directory not named like a generation (a copy)."""
-    suffix = gen.name.rsplit(".", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
-
-
 def show(rt: Runtime, target: str, image_dir: Path | None = None) -> list[dict[str, Any]]:
     """Everything about each step checkpoint that target names."""
     key = rt.manifest_key(create=False)
     out = []
-    for step_dir in resolve(rt, target, image_dir):
+    for step_dir, step, rank in (
+        (d, s, r) for s in resolve(rt, target, image_dir) for r, d in s.images()
+    ):
         data = read_json(step_dir / MANIFEST)
         try:
             rst.load_step_manifest(step_dir, key)
@@ -102,18 +109,14 @@ def show(rt: Runtime, target: str, image_dir: Path | None = None) -> list[dict[s
             authenticated = False
         manifest = StepManifest.from_dict({k: v for k, v in data.items() if k != "hmac"})
         raw, stored = manifest.image_bytes, manifest.stored_bytes
-        generation = (
-            step_dir
-            if (step_dir / MANIFEST).exists() and not (step_dir.parent / JOB_MANIFEST).exists()
-            else step_dir.parent
-        )
         out.append(
             {
                 "checkpoint": str(step_dir),
                 "step": f"{manifest.job_id}.{manifest.step_id}",
                 "job_id": manifest.job_id,
                 "step_id": manifest.step_id,
-                "generation": _generation_number(generation),
+                "generation": layout.generation_number(step.generation),
+                **({"rank": rank} if rank is not None else {}),
                 "authenticated": authenticated,
                 "command": manifest.argv,
                 "cwd": manifest.cwd,
@@ -169,14 +172,20 @@ def restart_check(
 ) -> list[Check]:
     """What would block `ccr restart` of target (a job or step, or a path), changing nothing."""
     checks: list[Check] = []
+    key = rt.manifest_key(create=False)
     try:
         if isinstance(target, Path):
-            paths = checkpoint_step_dirs(target)
+            steps = layout.open_path(target, key).steps
         else:
-            image_dir = image_dir or rst.default_image_dir(rt, target.job_id)
-            paths = rst.find_images(rt, target, image_dir)
+            steps = layout.newest(rt.image_dir(target.job_id, image_dir), target, key)
     except CcrError as exc:
         return [Check("checkpoint found", False, str(exc))]
+    paths = []
+    for step in steps:
+        if not step.multi_node:
+            paths.append(step.path)
+            continue
+        checks += _multi_node_checks(rt, step, isinstance(target, Path))
     for path in paths:
         found: list[rst.StepImage] = []
 
@@ -235,6 +244,42 @@ def restart_check(
                     plan.action != openfiles.REFUSE,
                     plan.describe(),
                     plan.to_dict(),
+                )
+            )
+    return checks
+
+
+def _multi_node_checks(rt: Runtime, step: layout.StepCheckpoint, by_path: bool) -> list[Check]:
+    """A multi-node step restarts through Slurm, one task per rank: here only what holds for
+    every rank wherever it lands (integrity, CRIU version) is checked."""
+    nodes = ", ".join(sorted(set(step.ranks.values())))
+    how = (
+        f"restart it by job id (ccr restart {step.step.job_id})"
+        if by_path
+        else "ccr restart requeues the job, or submits a new one, through Slurm"
+    )
+    checks = [
+        Check(
+            "multi-node",
+            not by_path,
+            f"{step.path}: a multi-node checkpoint of {step.step}, {step.ntasks} ranks "
+            f"taken on {nodes}; {how}",
+        )
+    ]
+    for rank, path in step.images():
+        found: list[rst.StepImage] = []
+
+        def load(path: Path = path, found: list[rst.StepImage] = found) -> str:
+            found.append(rst.load_image(rt, path))
+            return f"{path}: manifest authenticated, every file verified"
+
+        checks.append(_check("integrity", load))
+        if found:
+            image = found[0]
+            checks.append(
+                _check(
+                    f"CRIU version (rank {rank})",
+                    lambda image=image: _ok(rst.check_criu_version, rt, image),
                 )
             )
     return checks
