@@ -20,7 +20,7 @@ from ccr.controller import run as runner
 from ccr.controller import supervisor as sup
 from ccr.controller.multinode_restart import SlurmRestart
 from ccr.controller.runtime import Runtime
-from ccr.errors import EXIT_CODES, CcrError
+from ccr.errors import error_for_code
 from ccr.ids import JobRef, StepId, parse_job_ref
 from ccr.slurm_time import parse_slurm_time
 
@@ -55,8 +55,7 @@ def _served(command: str, *args: str) -> Any:
             message = json.loads(err.strip().splitlines()[-1])["error"]
         except (ValueError, KeyError, IndexError, TypeError):
             message = err.strip() or f"ccr {command} exited {code}"
-        cls = next((c for c, n in EXIT_CODES.items() if n == code), CcrError)
-        raise cls(message)
+        raise error_for_code(code, message)
     return json.loads(out)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -979,7 +978,7 @@ def run_in_process(argv: list[str]) -> int:
     except KeyboardInterrupt as exc:
         code = _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
-        if os.environ.get("CCR_DEBUG"):
+        if config.debug():
             raise
         message = f"{type(exc).__name__}: {exc} (CCR_DEBUG=1 for details)"
         if as_json:

@@ -114,6 +114,59 @@ def save_limits() -> tuple[int, int]:
     )
 
 
+def compress_spec() -> str:
+    """`CCR_COMPRESS` (e.g. "zstd:3", "none"): the default codec of checkpoints; zstd."""
+    return os.environ.get("CCR_COMPRESS", "zstd")
+
+
+def dump_watchdog_s() -> float | None:
+    """`CCR_DUMP_WATCHDOG`: the longest a dump without MaxWait may take, in seconds (0: no
+    bound); None when unset (then checkpoint.dump_watchdog derives it from the tree's size)."""
+    text = os.environ.get("CCR_DUMP_WATCHDOG", "")
+    if text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is not a number of seconds") from None
+    if value < 0:
+        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is negative")
+    return value
+
+
+def fast_scratch() -> Path:
+    """`CCR_SCRATCH`: the tmpfs for raw images while they are (de)compressed; /dev/shm."""
+    return Path(os.environ.get("CCR_SCRATCH", "/dev/shm"))
+
+
+def debug() -> bool:
+    """`CCR_DEBUG` (any value): an internal error shows its traceback instead of one line."""
+    return bool(os.environ.get("CCR_DEBUG"))
+
+
+def env_str(name: str) -> str:
+    """A variable set by Slurm (SLURM_*), "" when unset: the one place they are read."""
+    return os.environ.get(name, "")
+
+
+def env_int(name: str, strict: bool = False) -> int | None:
+    """A Slurm variable as a non-negative integer; None when unset (or, unless strict,
+    not a number: Slurm's own variables are taken as they come)."""
+    value = os.environ.get(name, "")
+    if value == "":
+        return None
+    if not value.isdigit():
+        if strict:
+            raise UsageError(f"{name}={value!r} is not a non-negative integer")
+        return None
+    return int(value)
+
+
+def service_socket() -> str:
+    """`CCR_SOCKET`: the node service's socket ("" when unset: the default one)."""
+    return os.environ.get("CCR_SOCKET", "")
+
+
 def restore_streamed() -> bool:
     """Restores stream the images to CRIU (engines.imagestream) unless CCR_RESTORE_STREAM=0,
     which restores from a decoded scratch copy over RPC as ccr did before (kept for

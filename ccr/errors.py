@@ -1,6 +1,14 @@
-"""ccr's error hierarchy and the one table that maps each error to an exit code."""
+"""ccr's error hierarchy; each class's exit_code attribute is the one exit-code table.
+
+README's "Exit codes" table is checked against these classes (tests/test_errors.py).
+"""
 
 from __future__ import annotations
+
+import errno as _errno
+
+# The errnos of a full file system or quota: a storage error (8) whoever hits it.
+NO_SPACE = (_errno.ENOSPC, _errno.EDQUOT)
 
 
 class CcrError(Exception):
@@ -52,9 +60,22 @@ class IntegrityError(CcrError):
 
 
 class StorageError(CcrError):
-    """The image directory or state directory cannot be used (missing, read-only, full)."""
+    """The image directory or state directory cannot be used (missing, read-only, full).
+
+    errno: the OS error behind it where there is one (ENOSPC, EDQUOT, EROFS, ...), so a
+    caller tells a full disk from another failure by number, not by the message.
+    """
 
     exit_code = 8
+
+    def __init__(
+        self, message: str, *, errno: int | None = None, log_path: str | None = None
+    ) -> None:
+        if log_path:
+            message = f"{message} (CRIU log: {log_path})"
+        super().__init__(message)
+        self.errno = errno
+        self.log_path = log_path
 
 
 class PermissionDeniedError(CcrError):
@@ -72,35 +93,33 @@ class GpuError(CcrError):
 # Exit code of a supervisor whose step was checkpointed and terminated (preempted, vacated):
 # EX_TEMPFAIL from sysexits.h, "try again later", so a batch script can requeue on it.
 EXIT_VACATED = 75
+# Exit status of a forked supervisor that failed before it could report (nobody waits
+# for it: its caller learns of it from the report pipe's EOF): EX_SOFTWARE, sysexits.h.
+EXIT_INTERNAL = 70
 
-EXIT_CODES: dict[type[CcrError], int] = {
-    cls: cls.exit_code
-    for cls in (
-        CcrError,
-        UsageError,
-        NotFoundError,
-        JobStateError,
-        CriuError,
-        MaxWaitExceeded,
-        IntegrityError,
-        StorageError,
-        PermissionDeniedError,
-        GpuError,
-    )
-}
+# Every error class, in the order of their codes (README's table).
+ERROR_CLASSES: tuple[type[CcrError], ...] = (
+    CcrError,
+    UsageError,
+    NotFoundError,
+    JobStateError,
+    CriuError,
+    MaxWaitExceeded,
+    IntegrityError,
+    StorageError,
+    PermissionDeniedError,
+    GpuError,
+)
 
 
 def exit_code_for(error: BaseException) -> int:
-    """The process exit code for an error (1 for anything not from ccr)."""
-    for cls in type(error).__mro__:
-        if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
-    return 1
+    """The process exit code for an error: its class's exit_code (1 for anything else)."""
+    return error.exit_code if isinstance(error, CcrError) else 1
 
 
 def error_for_code(code: int, message: str) -> CcrError:
     """Rebuild an error reported by another process (a supervisor) from its exit code."""
-    for cls, value in EXIT_CODES.items():
-        if value == code and cls is not CcrError:
+    for cls in ERROR_CLASSES[1:]:
+        if cls.exit_code == code:
             return cls(message)
     return CcrError(message)

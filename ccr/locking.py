@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ccr.deadline import Deadline
 from ccr.errors import MaxWaitExceeded
 
 
 @contextmanager
-def exclusive_lock(path: Path, max_wait: float | None, busy: str) -> Iterator[None]:
-    """Hold an flock on path; after max_wait seconds (None: forever) raise MaxWaitExceeded.
+def exclusive_lock(path: Path, deadline: Deadline, busy: str) -> Iterator[None]:
+    """Hold an flock on path; once deadline passes (none: wait forever) raise MaxWaitExceeded.
 
     busy says who holds the lock, e.g. "another checkpoint of job 42 is still running".
 
@@ -23,14 +24,13 @@ def exclusive_lock(path: Path, max_wait: float | None, busy: str) -> Iterator[No
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = None if max_wait is None else time.monotonic() + max_wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise MaxWaitExceeded(f"{busy} after MaxWait={max_wait:g}s") from None
+                if deadline.expired():
+                    raise MaxWaitExceeded(f"{busy} after {deadline}") from None
                 time.sleep(0.02)
         yield
     finally:

@@ -135,13 +135,14 @@ if [[ $PHASES == *A* ]]; then
     wait_step "$WORK/smoke.out" 3 180
     "$PY" - "$SMOKE_PID" <<'EOF'
 import os, sys, time
+from ccr.deadline import Deadline
 from ccr.engines import gpu
 
 pid = int(sys.argv[1])
 backend = gpu.default_backend()
 assert backend.available(), backend.unavailable_reason()
 assert gpu.cuda_pids([pid]) == [pid], "the workload holds no /dev/nvidia* descriptor"
-seq = gpu.GpuSequence(backend, deadline=time.monotonic() + 120)
+seq = gpu.GpuSequence(backend, deadline=Deadline.after(120))
 assert seq.checkpoint([pid]) == [pid]
 state = backend.state(pid)
 fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]

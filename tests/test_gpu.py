@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ccr.deadline import Deadline
 from ccr.engines import gpu
 from ccr.engines.gpu import CudaCallError, DriverCheckpointer, GpuSequence
 from ccr.errors import GpuError, MaxWaitExceeded, exit_code_for
@@ -372,17 +373,17 @@ def test_failed_process_refused(tree: Path) -> None:
 def test_deadline_bounds_the_lock_timeout(tree: Path) -> None:
     clock = FakeClock()
     backend = FakeBackend({101: "running", 103: "running"}, clock=clock, cost=1.0)
-    seq = seq_for(backend, tree, deadline=clock.now + 10.0, clock=clock)
+    seq = seq_for(backend, tree, deadline=Deadline.after(10.0, clock=clock), clock=clock)
     seq.checkpoint(PIDS)
     # state(101), state(103) cost 2 s: 8 s left for the first lock, 7 s for the second
     assert backend.lock_timeouts == {101: 8000, 103: 7000}
-    assert seq.remaining() == pytest.approx(4.0)
+    assert seq.deadline.remaining() == pytest.approx(4.0)
 
 
 def test_deadline_already_past(tree: Path) -> None:
     clock = FakeClock()
     backend = FakeBackend({101: "running", 103: "running"}, clock=clock)
-    seq = seq_for(backend, tree, deadline=clock.now - 1, clock=clock)
+    seq = seq_for(backend, tree, deadline=Deadline.after(-1, clock=clock), clock=clock)
     with pytest.raises(MaxWaitExceeded, match="before locking pid 101"):
         seq.checkpoint(PIDS)
     assert backend.ops() == []
@@ -391,7 +392,7 @@ def test_deadline_already_past(tree: Path) -> None:
 def test_deadline_passing_mid_sequence_rolls_back(tree: Path) -> None:
     clock = FakeClock()
     backend = FakeBackend({101: "running", 103: "running"}, clock=clock, cost=1.0)
-    seq = seq_for(backend, tree, deadline=clock.now + 3.5, clock=clock)
+    seq = seq_for(backend, tree, deadline=Deadline.after(3.5, clock=clock), clock=clock)
     with pytest.raises(MaxWaitExceeded, match="before checkpointing pid 101") as info:
         seq.checkpoint(PIDS)
     assert exit_code_for(info.value) == 6
@@ -402,7 +403,7 @@ def test_deadline_passing_mid_sequence_rolls_back(tree: Path) -> None:
 def test_lock_timeout_is_maxwait(tree: Path) -> None:
     backend = FakeBackend({101: "running", 103: "running"})
     backend.fail("lock", 103, "CUDA_ERROR_TIMEOUT")
-    seq = seq_for(backend, tree, deadline=1e12)
+    seq = seq_for(backend, tree, deadline=Deadline.after(1e12))
     with pytest.raises(MaxWaitExceeded, match="lock of pid 103"):
         seq.checkpoint(PIDS)
     assert backend.states == {101: "running", 103: "running"}
@@ -410,7 +411,7 @@ def test_lock_timeout_is_maxwait(tree: Path) -> None:
 
 def test_no_deadline_means_no_remaining() -> None:
     seq = GpuSequence(FakeBackend({}))  # type: ignore[arg-type]
-    assert seq.remaining() is None
+    assert seq.deadline.remaining() is None
 
 
 # --- the manifest record ------------------------------------------------------------------
@@ -506,7 +507,7 @@ def test_restore_deadline(restored: Path) -> None:
             RECORD,
             NEW_TREE,
             backend,  # type: ignore[arg-type]
-            deadline=clock.now + 1.5,
+            deadline=Deadline.after(1.5, clock=clock),
             proc_root=restored,
             clock=clock,
         )

@@ -164,10 +164,10 @@ def test_exit_code_for_each_error(cls: type[errors.CcrError], code: int) -> None
 
 
 def test_exit_codes_are_distinct_and_nonzero() -> None:
-    codes = list(errors.EXIT_CODES.values())
+    codes = [cls.exit_code for cls in errors.ERROR_CLASSES]
     assert len(codes) == len(set(codes))
     assert all(0 < c < 64 for c in codes)
-    assert errors.EXIT_VACATED not in codes
+    assert errors.EXIT_VACATED not in codes and errors.EXIT_INTERNAL not in codes
 
 
 def test_exit_code_for_subclass_uses_nearest_ancestor() -> None:

@@ -329,6 +329,7 @@ def test_dumps_of_steps_take_no_node_wide_lock(
 ) -> None:
     """The per-cwd dump lock (for roots seeing the node's /proc) is not taken for steps:
     held by someone else, it blocks a legacy root's dump but not a step's."""
+    from ccr.deadline import Deadline
     from ccr.locking import exclusive_lock
 
     prog = ccr.program("sleeper.py", "import time\nwhile True: time.sleep(1)\n")
@@ -336,12 +337,12 @@ def test_dumps_of_steps_take_no_node_wide_lock(
     monkeypatch.setattr(criu_engine, "LOCK_DIR", tmp_path)
     legacy = subprocess.Popen(["sleep", "60"], cwd="/")
     try:
-        with exclusive_lock(criu_engine.scratch_lock("/"), 1, "test"):
+        with exclusive_lock(criu_engine.scratch_lock("/"), Deadline.after(1), "test"):
             for step in steps:
-                with criu_engine.parasite_scratch(ccr.step(step)["init_pid"], timeout=1):
+                with criu_engine.parasite_scratch(ccr.step(step)["init_pid"], Deadline.after(1)):
                     pass
             with pytest.raises(MaxWaitExceeded):
-                with criu_engine.parasite_scratch(legacy.pid, timeout=0.5):
+                with criu_engine.parasite_scratch(legacy.pid, Deadline.after(0.5)):
                     pass
     finally:
         legacy.kill()

@@ -14,11 +14,12 @@ from typing import Protocol
 
 from ccr import config, identity, interrupts, progress
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import gpu, openfiles, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
-from ccr.engines.criu import Criu
+from ccr.engines.criu import Criu, criu_options
 from ccr.engines.taskcreds import refuse_foreign_tasks
-from ccr.errors import CcrError, JobStateError, MaxWaitExceeded, StorageError, UsageError
+from ccr.errors import NO_SPACE, CcrError, JobStateError, MaxWaitExceeded, StorageError
 from ccr.ids import JobRef, StepId, checkpoint_name
 from ccr.storage import layout
 from ccr.storage import registry as reg
@@ -42,7 +43,7 @@ from ccr.timestamps import stamp
 
 def default_codec() -> Codec:
     """`CCR_COMPRESS` (e.g. "zstd:3", "none"), else zstd at its default level."""
-    return parse_codec(os.environ.get("CCR_COMPRESS", "zstd"))
+    return parse_codec(config.compress_spec())
 
 
 @dataclass
@@ -71,15 +72,9 @@ def dump_watchdog(rss: int) -> float | None:
     `CCR_DUMP_WATCHDOG`: seconds (a fixed bound), or 0 for none; unset: WATCHDOG_BASE_S +
     WATCHDOG_PER_GIB_S per GiB of rss.
     """
-    text = os.environ.get("CCR_DUMP_WATCHDOG", "")
-    if text == "":
+    value = config.dump_watchdog_s()
+    if value is None:
         return WATCHDOG_BASE_S + WATCHDOG_PER_GIB_S * rss / 2**30
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is not a number of seconds") from None
-    if value < 0:
-        raise UsageError(f"CCR_DUMP_WATCHDOG={text!r} is negative")
     return value or None
 
 
@@ -263,6 +258,7 @@ def run_checkpoint(
     steps: list[reg.StepRecord],
     opts: CheckpointOptions,
     staging: StagingArea,
+    deadline: Deadline | None = None,
 ) -> CheckpointResult:
     """The one checkpoint loop, of a single node's job and of one node of a multi-node one.
 
@@ -272,11 +268,12 @@ def run_checkpoint(
     failure is recorded as the job's last checkpoint error; success clears it.
     """
     started = time.monotonic()
-    deadline = None if opts.max_wait is None else started + opts.max_wait
+    if deadline is None:
+        deadline = Deadline.after(opts.max_wait)  # the one MaxWait of every wait below
     keep = opts.keep if opts.keep is not None else job.keep
     with ExitStack() as published:
         try:
-            with rt.job_lock(ref.job_id, opts.max_wait):
+            with rt.job_lock(ref.job_id, deadline):
                 with rt.registry() as db:
                     db.update_job(ref.job_id, ckpt_began=time.time())
                     stale = [
@@ -345,9 +342,7 @@ def is_live(step: reg.StepRecord) -> bool:
     return step.state in (reg.RUNNING, reg.VACATING) and _alive_tree(step)
 
 
-def _dump_all(
-    pending: PendingCheckpoint, steps: list[reg.StepRecord], deadline: float | None
-) -> None:
+def _dump_all(pending: PendingCheckpoint, steps: list[reg.StepRecord], deadline: Deadline) -> None:
     rt, opts = pending.rt, pending.opts
     criu = rt.criu()
     criu_version = criu.version()
@@ -358,9 +353,8 @@ def _dump_all(
             with rt.registry() as db:
                 if not db.compare_and_set_state(step.id, (reg.RUNNING,), reg.VACATING):
                     raise JobStateError(f"step {step.id} stopped running")
-        remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
         manifest = _dump_step(
-            rt, criu, criu_version, step, step_dir, opts, remaining, pending.key, pending.gpu_seqs
+            rt, criu, criu_version, step, step_dir, opts, deadline, pending.key, pending.gpu_seqs
         )
         pending.dumped.append((step, manifest))
 
@@ -372,7 +366,7 @@ def _dump_step(
     step: reg.StepRecord,
     step_dir: Path,
     opts: CheckpointOptions,
-    timeout: float | None,
+    deadline: Deadline,
     key: bytes,
     gpu_seqs: list[gpu.GpuSequence] | None = None,
 ) -> StepManifest:
@@ -380,7 +374,7 @@ def _dump_step(
     began = time.monotonic()
     # CUDA processes first hand their device memory to host memory (the driver's checkpoint
     # API), so CRIU sees plain processes; MaxWait covers the whole sequence.
-    seq = gpu.GpuSequence(deadline=None if timeout is None else began + timeout)
+    seq = gpu.GpuSequence(deadline=deadline)
     if gpu_seqs is not None:
         gpu_seqs.append(seq)
     pids = process.tree_pids(step.init_pid)
@@ -395,7 +389,10 @@ def _dump_step(
     # private scratch, never into a directory the user can write to (see ccr.identity).
     staged = compressed or identity.served_user()
     raw_dir = scratch_dir(estimate, step_dir.parent, "dump") if staged else step_dir
-    watchdog = dump_watchdog(estimate) if timeout is None else None
+    # The dump's bound: MaxWait, else the watchdog (from the dump's start).
+    limit = deadline
+    if not deadline.bounded:
+        limit = Deadline.after(dump_watchdog(estimate), "the dump watchdog CCR_DUMP_WATCHDOG")
     # The files the tree writes are listed and the small ones copied beside the images
     # (so they are compressed, digested and signed with them) from CRIU's post-dump
     # notification: the one moment the whole tree is known to be frozen, images written,
@@ -405,17 +402,15 @@ def _dump_step(
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
-            stats = criu.dump(
-                step.init_pid,
-                raw_dir,
-                work,
+            options = criu_options(
+                "dump",
+                pid=step.init_pid,
                 final_state="stopped" if opts.stop else "running",
-                timeout=seq.remaining() if watchdog is None else watchdog,
                 tcp_established=tcp,
                 network_lock=lock,
-                hook=files.hook,
-                limit_name="MaxWait" if watchdog is None else "the dump watchdog CCR_DUMP_WATCHDOG",
+                notify=True,  # post-dump: files.hook
             )
+            stats = criu.dump(options, raw_dir, work, deadline=limit, hook=files.hook)
         if not files.collected:
             raise CcrError(
                 f"CRIU sent no post-dump notification for step {step.id}: "
@@ -432,12 +427,12 @@ def _dump_step(
                 entries = compress_dir(raw_dir, step_dir, opts.codec, progress=update)
     except OSError as exc:
         raise storage_error(step_dir, exc, "dumping into") from None
-    except CcrError as exc:
-        if "No space left" in str(exc):
-            log = getattr(exc, "log_path", None)
+    except StorageError as exc:
+        if exc.errno in NO_SPACE:
             raise StorageError(
-                f"no space left in {step_dir.parent} while dumping step {step.id}"
-                + (f" (CRIU log: {log})" if log else "")
+                f"no space left in {step_dir.parent} while dumping step {step.id}",
+                errno=exc.errno,
+                log_path=exc.log_path,
             ) from None
         raise
     finally:
@@ -545,7 +540,7 @@ def recover_interrupted(rt: Runtime, job_id: int) -> list[StepId]:
     Only safe while nobody checkpoints the job, so it takes the job lock without waiting.
     """
     try:
-        with rt.job_lock(job_id, max_wait=0):
+        with rt.job_lock(job_id, Deadline.after(0)):
             with rt.registry() as db:
                 stale = [s for s in db.steps(job_id) if s.state == reg.VACATING and _alive_tree(s)]
             _resume(rt, stale)

@@ -27,6 +27,7 @@ from typing import IO, Any, Protocol
 from ccr.controller import checkpoint as ckpt
 from ccr.controller.node_participant import REPORT, abort_line
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import slurm_cli
 from ccr.errors import (
     CcrError,
@@ -103,7 +104,7 @@ def create(
     launch returns is read like srun's: node reports on stdout, the decision on stdin.
     """
     started = time.monotonic()
-    deadline = None if opts.max_wait is None else started + opts.max_wait
+    deadline = Deadline.after(opts.max_wait)
     nodes = nodes_of(ref.job_id)
     name = checkpoint_name(ref)
     staging_name = f".{name}.dist-{os.getpid()}-{secrets.token_hex(4)}"
@@ -128,7 +129,7 @@ def create(
     staging: Path | None = None
     try:
         timed_out = _collect(lines, rnd, len(nodes), deadline)
-        problem = _problem(ref, rnd, nodes, timed_out, opts.max_wait)
+        problem = _problem(ref, rnd, nodes, timed_out, deadline)
         if problem is None:
             image_dir = Path(next(r["image_dir"] for r in rnd.reports if r.get("tasks")))
             staging = image_dir / staging_name
@@ -164,11 +165,11 @@ def create(
 
 
 def _collect(
-    lines: queue.Queue[str | None], rnd: _Round, expected: int, deadline: float | None
+    lines: queue.Queue[str | None], rnd: _Round, expected: int, deadline: Deadline
 ) -> bool:
     """Read node reports until every node answered or srun ended; True on MaxWait expiry."""
     while len(rnd.reports) < expected:
-        wait = None if deadline is None else deadline - time.monotonic()
+        wait = deadline.remaining()
         if wait is not None and wait <= 0:
             return True
         try:
@@ -183,7 +184,7 @@ def _collect(
 
 
 def _problem(
-    ref: JobRef, rnd: _Round, nodes: list[str], timed_out: bool, max_wait: float | None
+    ref: JobRef, rnd: _Round, nodes: list[str], timed_out: bool, deadline: Deadline
 ) -> CcrError | None:
     """Why this round must not be published (None: every node and every rank is there)."""
     tail = "; nothing was published and every task is running"
@@ -197,7 +198,7 @@ def _problem(
     if timed_out:
         missing = sorted(set(nodes) - {r["node"] for r in rnd.reports})
         return MaxWaitExceeded(
-            f"checkpoint of {ref} abandoned after MaxWait={max_wait:g}s "
+            f"checkpoint of {ref} abandoned after {deadline} "
             f"(no answer from {', '.join(missing) or 'srun'}){tail}"
         )
     if len(rnd.reports) < len(nodes):

@@ -13,13 +13,13 @@ from typing import Any
 
 import psutil
 
+from ccr import config
 from ccr.controller import restart as rst
 from ccr.controller.runtime import Runtime
 from ccr.engines import openfiles
 from ccr.errors import CcrError, NotFoundError, UsageError
 from ccr.ids import JobRef, parse_job_ref
 from ccr.storage import layout
-from ccr.storage.imageset import FAST_SCRATCH
 from ccr.storage.manifest import MANIFEST, StepManifest, read_json
 from ccr.timestamps import stamp
 
@@ -226,7 +226,8 @@ def restart_check(
             )
         )
         if any(f.codec != "none" for f in m.files):
-            scratch = FAST_SCRATCH if FAST_SCRATCH.is_dir() else image.path.parent
+            fast = config.fast_scratch()
+            scratch = fast if fast.is_dir() else image.path.parent
             free = shutil.disk_usage(scratch).free
             checks.append(
                 Check(

@@ -8,6 +8,7 @@ what is missing and which commands install it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import sys
@@ -58,7 +59,7 @@ def _major(version: str) -> int | None:
 
 def pycriu_problem() -> str | None:
     """Why pycriu (RPC and image decoder) cannot be imported; None when it can."""
-    if criu_engine.rpc is None:
+    if importlib.util.find_spec("pycriu") is None:
         return "pycriu is not importable"
     try:
         importlib.import_module("pycriu.images")

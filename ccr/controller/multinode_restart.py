@@ -22,6 +22,7 @@ from ccr.controller import placement
 from ccr.controller import restart as rst
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import slurm_cli
 from ccr.errors import CcrError, IntegrityError, JobStateError, NotFoundError, UsageError
 from ccr.ids import JobRef, StepId
@@ -214,7 +215,7 @@ def restore_rank(rt: Runtime, gen: Path, step_id: int, stick: bool, max_wait: fl
         db.bump_restart_count(new.job_id)
     settings = placement.task_settings(sup.SupervisorSettings())
     supervisor = sup.Supervisor(rt, new, settings)
-    result = rst.restore_into(rt, supervisor, moved, max_wait)
+    result = rst.restore_into(rt, supervisor, moved, Deadline.after(max_wait))
     placement.record_task(rt, new, rank=rank, ntasks=image.ntasks)
     print(
         f"ccr: rank {rank} of {loaded.step} restored on {task.node} as {new} (pid {result.pid})",

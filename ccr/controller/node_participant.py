@@ -17,6 +17,7 @@ from typing import Any
 
 from ccr.controller import checkpoint as ckpt
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import slurm_cli
 from ccr.engines.compression import Codec
 from ccr.errors import (
@@ -59,7 +60,7 @@ def node_checkpoint(
     error, the job's keep, GPU rollback); only the decision is the coordinator's.
     """
     node = slurm_cli.node_name()
-    deadline = None if max_wait is None else time.monotonic() + max_wait
+    deadline = Deadline.after(max_wait)  # the dump's and the wait for the decision
     with rt.registry() as db:
         job = db.find_job(ref.job_id)
         steps = (
@@ -87,7 +88,7 @@ def node_checkpoint(
     base = layout.default_image_dir(job, image_dir)
     staging = NodeStaging(ref, node, base, staging_name, mkdir, deadline)
     try:
-        ckpt.run_checkpoint(rt, ref, job, steps, opts, staging)
+        ckpt.run_checkpoint(rt, ref, job, steps, opts, staging, deadline)
     except CcrError as exc:
         if staging.reported:  # the coordinator said abort (or nothing): all rolled back
             print(f"ccr: {node}: checkpoint of {ref} rolled back ({exc})")
@@ -108,7 +109,7 @@ class NodeStaging:
         image_dir: Path,
         staging_name: str,
         mkdir: bool,
-        deadline: float | None,
+        deadline: Deadline,
     ) -> None:
         self.ref = ref
         self.node = node
@@ -182,11 +183,12 @@ def _emit(report: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _decision(deadline: float | None) -> str:
+def _decision(deadline: Deadline) -> str:
     """The coordinator's line on stdin; "" on EOF or when it does not come in time."""
     limit = time.monotonic() + DECISION_WAIT
-    if deadline is not None:
-        limit = min(limit, deadline + 30.0)
+    left = deadline.remaining()
+    if left is not None:
+        limit = min(limit, time.monotonic() + left + 30.0)
     data = b""
     while b"\n" not in data:
         wait = limit - time.monotonic()

@@ -31,7 +31,7 @@ from ccr.ids import (
 def task_exports(rt: Runtime, step: StepId, image_dir: Path) -> dict[str, str]:
     """What a freshly launched task gets in its environment (restored ones keep their own)."""
     out = {"SLURM_CHECKPOINT_IMAGE_DIR": str(image_dir)}
-    if "SLURM_RESTART_COUNT" not in os.environ:
+    if slurm_cli.TaskEnv.from_env().restart_count is None:
         with rt.registry() as db:
             job = db.find_job(step.job_id)
         out["SLURM_RESTART_COUNT"] = str(job.restart_count if job else 0)
@@ -92,10 +92,6 @@ def file_context(step: StepId, argv: list[str]) -> FileContext:
     """What %N, %u, %x, %A, %a, %t, %n mean for this task, from Slurm's environment."""
     task = slurm_cli.TaskEnv.from_env()
 
-    def env_int(name: str) -> int | None:
-        value = os.environ.get(name, "")
-        return int(value) if value.isdigit() else None
-
     try:
         user = pwd.getpwuid(identity.caller_uid()).pw_name
     except KeyError:
@@ -105,11 +101,11 @@ def file_context(step: StepId, argv: list[str]) -> FileContext:
         step_id=step.step_id,
         node=task.node,
         user=user,
-        job_name=os.environ.get("SLURM_JOB_NAME") or (Path(argv[0]).name if argv else "ccr"),
-        array_job_id=env_int("SLURM_ARRAY_JOB_ID"),
-        array_task_id=env_int("SLURM_ARRAY_TASK_ID"),
+        job_name=config.env_str("SLURM_JOB_NAME") or (Path(argv[0]).name if argv else "ccr"),
+        array_job_id=config.env_int("SLURM_ARRAY_JOB_ID"),
+        array_task_id=config.env_int("SLURM_ARRAY_TASK_ID"),
         task_id=task.rank or 0,
-        node_id=env_int("SLURM_NODEID") or 0,
+        node_id=config.env_int("SLURM_NODEID") or 0,
     )
 
 

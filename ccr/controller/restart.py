@@ -16,13 +16,14 @@ from typing import Any
 from ccr import config, identity, interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import criu as criu_engine
 from ccr.engines import gpu, image_fixes, imagestream, openfiles, process
 from ccr.engines.compression import SUFFIX, decompress_dir
+from ccr.engines.criu import criu_options
 from ccr.errors import (
     IntegrityError,
     JobStateError,
-    MaxWaitExceeded,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
@@ -284,9 +285,9 @@ def restore_into(
     rt: Runtime,
     supervisor: sup.Supervisor,
     image: StepImage,
-    max_wait: float | None,
+    deadline: Deadline,
 ) -> RestartResult:
-    """Restore image as a child of this process and hand it to supervisor.
+    """Restore image as a child of this process and hand it to supervisor, by deadline.
 
     By default CRIU reads the pages through ccr (engines.imagestream): decoded and checked
     frame by frame in one pass, no copy of the image anywhere.  CCR_RESTORE_STREAM=0
@@ -296,7 +297,6 @@ def restore_into(
     criu = rt.criu()
     work = rt.work_dir(f"{image.step}-restore")
     began = time.monotonic()
-    deadline = None if max_wait is None else began + max_wait
     streamed = config.restore_streamed()
     saved = {f.copy for f in image.manifest.written_files if f.copy}
     files = image.manifest.files
@@ -343,11 +343,7 @@ def restore_into(
         overlay = correct_images(image, raw_dir, copy, work)
         if overlay is not None:
             raw_dir = overlay
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise MaxWaitExceeded(
-                f"restore of {image.step} did not finish within MaxWait={max_wait:g}s"
-            )
+        deadline.check(f"restore of {image.step}")
         # Each file the job writes goes back to its state at the checkpoint (so CRIU finds
         # the size it recorded, and the job the contents it wrote); planned again here, as
         # files may have changed since preflight looked.
@@ -364,16 +360,15 @@ def restore_into(
             criu_began = time.monotonic()
             if streamed:
                 pid, verify_time = _restore_streamed(
-                    criu.binary, image, raw_dir, bulk, work, remaining, tcp, memory
+                    criu.binary, image, raw_dir, bulk, work, deadline, tcp, memory
                 )
             else:
-                pid = criu.restore(
-                    raw_dir,
-                    work,
-                    timeout=remaining,
+                options = criu_options(
+                    "restore",
                     tcp_established=tcp,
                     network_lock=image.manifest.network_lock or None,
-                ).pid
+                )
+                pid = criu.restore(options, raw_dir, work, deadline=deadline).pid
                 # The tree's memory is now in; a scratch copy still is too.
                 memory.sample(image.manifest.image_bytes)
             criu_time = time.monotonic() - criu_began
@@ -438,7 +433,7 @@ def _restore_streamed(
     raw_dir: Path,
     bulk: list[FileEntry],
     work: Path,
-    timeout: float | None,
+    deadline: Deadline,
     tcp: bool,
     memory: imagestream.ExtraMemory,
 ) -> tuple[int, float]:
@@ -457,7 +452,7 @@ def _restore_streamed(
             sources,
             sock_dir,
             work,
-            timeout=timeout,
+            deadline=deadline,
             tcp_established=tcp,
             network_lock=image.manifest.network_lock or None,
             on_sample=memory.sample,
@@ -479,7 +474,12 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
         refuse_multi_node(steps, f"restart it through Slurm (ccr restart {ref.job_id})")
         images = [as_step(load_image(rt, s.path, full=False), s.step, opts.rename) for s in steps]
     return restart_images(
-        rt, images, image_dir, opts.stick_to_nodes, opts.max_wait, opts.tcp_established
+        rt,
+        images,
+        image_dir,
+        opts.stick_to_nodes,
+        Deadline.after(opts.max_wait),
+        opts.tcp_established,
     )
 
 
@@ -532,7 +532,7 @@ def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartR
         images,
         layout.series_dir(images[0].path),
         opts.stick_to_nodes,
-        opts.max_wait,
+        Deadline.after(opts.max_wait),
         opts.tcp_established,
     )
 
@@ -555,10 +555,10 @@ def restart_images(
     images: list[StepImage],
     image_dir: Path,
     stick_to_nodes: bool,
-    max_wait: float | None,
+    deadline: Deadline,
     tcp_established: bool = False,
 ) -> list[RestartResult]:
-    """Restore each verified image under a supervisor of its own."""
+    """Restore each verified image under a supervisor of its own, all by deadline."""
     if not images:
         raise NotFoundError(f"no step checkpoint in {image_dir}")
     for image in images:
@@ -571,7 +571,7 @@ def restart_images(
             settings.tcp_established = settings.tcp_established or tcp_established
             message = sup.spawn_background(
                 str(image.step),
-                functools.partial(_restore_and_supervise, rt, image, settings, max_wait),
+                functools.partial(_restore_and_supervise, rt, image, settings, deadline),
             )
             results.append(RestartResult.from_message(message, image.step, image.path))
     except interrupts.Interrupted as exc:
@@ -627,11 +627,11 @@ def _restore_and_supervise(
     rt: Runtime,
     image: StepImage,
     settings: sup.SupervisorSettings,
-    max_wait: float | None,
+    deadline: Deadline,
     report: sup.Report,
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
-    result = restore_into(rt, supervisor, image, max_wait)
+    result = restore_into(rt, supervisor, image, deadline)
     try:
         report({"ok": True, **result.to_dict()})
     except BaseException:  # the caller abandoned the restore before hearing of it

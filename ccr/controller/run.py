@@ -9,11 +9,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ccr import interrupts
+from ccr import config, interrupts
 from ccr.controller import multinode_restart, placement, relay
 from ccr.controller import restart as rst
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
+from ccr.deadline import Deadline
 from ccr.engines import process
 from ccr.errors import JobStateError, NotFoundError, StorageError, UsageError
 from ccr.ids import JobRef, StepId
@@ -38,18 +39,11 @@ class RunRequest:
     settings: sup.SupervisorSettings = field(default_factory=sup.SupervisorSettings)
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    if not value.isdigit():
-        raise UsageError(f"{name}={value!r} is not a non-negative integer")
-    return int(value)
-
-
 def _resolve_step(rt: Runtime, req: RunRequest) -> StepId:
-    job_id = req.job_id if req.job_id is not None else _env_int("SLURM_JOB_ID")
-    step_id = req.step_id if req.step_id is not None else _env_int("SLURM_STEP_ID")
+    job_id = req.job_id if req.job_id is not None else config.env_int("SLURM_JOB_ID", strict=True)
+    step_id = (
+        req.step_id if req.step_id is not None else config.env_int("SLURM_STEP_ID", strict=True)
+    )
     with rt.registry() as db:
         if job_id is None:
             job_id = db.allocate_job_id()
@@ -148,7 +142,9 @@ def _run(rt: Runtime, req: RunRequest, announce: sup.Report) -> int:
         try:
             if resume is not None:
                 # Interrupted or failed, restore_into leaves nothing running.
-                result = rst.restore_into(rt, supervisor, resume, req.settings.max_wait)
+                result = rst.restore_into(
+                    rt, supervisor, resume, Deadline.after(req.settings.max_wait)
+                )
                 message = {"ok": True, "step": str(step), "pid": result.pid}
                 message["resumed"] = str(resume.path)
                 message["supervisor_pid"] = os.getpid()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ccr import config, identity
+from ccr.deadline import Deadline
 from ccr.locking import exclusive_lock
 from ccr.storage.layout import default_image_dir
 from ccr.storage.registry import Registry
@@ -73,13 +74,13 @@ class Runtime:
         raise RuntimeError("cannot create a log directory")  # pragma: no cover
 
     @contextmanager
-    def job_lock(self, job_id: int, max_wait: float | None) -> Iterator[None]:
-        """Serialize checkpoints of one job; wait at most max_wait seconds for the lock."""
+    def job_lock(self, job_id: int, deadline: Deadline) -> Iterator[None]:
+        """Serialize checkpoints of one job; wait for the lock until deadline."""
         locks = self.state_dir / "locks"
         busy = f"another checkpoint of job {job_id} is still running"
         with identity.privileged():
             locks.mkdir(exist_ok=True, mode=0o700)
-            lock = exclusive_lock(locks / f"job-{job_id}.lock", max_wait, busy)
+            lock = exclusive_lock(locks / f"job-{job_id}.lock", deadline, busy)
             lock.__enter__()
         try:
             yield

@@ -20,7 +20,7 @@ from ccr.controller import checkpoint
 from ccr.controller.runtime import Runtime
 from ccr.engines import process
 from ccr.engines.compression import Codec
-from ccr.errors import EXIT_VACATED, CcrError, error_for_code, exit_code_for
+from ccr.errors import EXIT_INTERNAL, EXIT_VACATED, CcrError, error_for_code, exit_code_for
 from ccr.ids import JobRef, StepId
 from ccr.storage import registry as reg
 
@@ -359,7 +359,7 @@ def spawn_background(name: str, target: Callable[[Report], int]) -> dict[str, An
             progress.set_listener(pipe.progress)
             os._exit(_run_reporting(target, pipe))
         except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
-            os._exit(70)
+            os._exit(EXIT_INTERNAL)
     os.close(write_fd)
     os.close(control_r)
     # A thread reads the pipe, so an interrupt of this (main) thread never loses a line.

@@ -493,7 +493,9 @@ def _compress(
                 os.close(fd)
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        raise StorageError(f"cannot compress {src} into {dst}: {exc.strerror or exc}") from None
+        raise StorageError(
+            f"cannot compress {src} into {dst}: {exc.strerror or exc}", errno=exc.errno
+        ) from None
     except zstandard.ZstdError as exc:
         dst.unlink(missing_ok=True)
         raise StorageError(f"cannot compress {src}: {exc}") from None
@@ -533,7 +535,9 @@ def _decompress(src: Path, dst: Path, expect: FileEntry | None, report: Progress
         raise IntegrityError(f"compressed checkpoint file {src} is corrupted ({exc})") from None
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        raise StorageError(f"cannot decompress {src} into {dst}: {exc.strerror or exc}") from None
+        raise StorageError(
+            f"cannot decompress {src} into {dst}: {exc.strerror or exc}", errno=exc.errno
+        ) from None
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
@@ -653,7 +657,9 @@ def _copy(
                 frames.append(digest_of(b""))
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        raise StorageError(f"cannot copy {src} to {dst}: {exc.strerror or exc}") from None
+        raise StorageError(
+            f"cannot copy {src} to {dst}: {exc.strerror or exc}", errno=exc.errno
+        ) from None
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
@@ -673,7 +679,7 @@ def _open_source(src: Path, stored: bool) -> FileIO:
             raise IntegrityError(f"checkpoint file missing: {src}") from None
         raise StorageError(f"cannot read {src}: no such file") from None
     except OSError as exc:
-        raise StorageError(f"cannot read {src}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot read {src}: {exc.strerror or exc}", errno=exc.errno) from None
 
 
 def _mismatch(src: Path, expect: FileEntry, size: int, digest: str) -> str | None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,17 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ccr import identity
-from ccr.engines import process
-from ccr.errors import CcrError, CriuError, JobStateError, MaxWaitExceeded
+from ccr.deadline import NO_DEADLINE, Deadline
+from ccr.engines import criu_wire, process
+from ccr.errors import NO_SPACE, CcrError, CriuError, JobStateError, StorageError
 from ccr.locking import exclusive_lock
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
-try:
-    from pycriu import rpc_pb2 as rpc
-except ImportError:  # pragma: no cover - depends on the installation
-    rpc = None
 
 # Called on each CRIU notification (e.g. "pre-dump", "post-dump", "post-restore") with the
 # notification name and the PID CRIU reports; raising aborts the CRIU action.
@@ -60,11 +58,6 @@ class RestoreResult:
     wall_time: float
 
 
-def _require_rpc() -> None:
-    if rpc is None:
-        raise CcrError("pycriu is not installed: run scripts/install-criu.sh")
-
-
 # The largest deleted-but-open file ("ghost") a dump copies into the image; CRIU's default
 # is 1 MiB.  MPI transports (UCX, Open MPI's vader) create their shared memory segments in
 # the step's /dev/shm and unlink them at once: several MiB each, in the step's own tmpfs,
@@ -91,12 +84,23 @@ def transient_reason(log_file: Path) -> str | None:
     return next((reason for reason in TRANSIENT_DUMP if reason in text), None)
 
 
-# How CRIU keeps the peers of checkpointed TCP connections quiet while they are dumped.
+# How CRIU keeps the peers of checkpointed TCP connections quiet while they are dumped
+# (in the order of rpc.proto's criu_network_lock_method, whose values start at 1).
 NETWORK_LOCKS = ("iptables", "nftables", "skip")
+# What a dumped tree does once its images are written.
+FINAL_STATES = ("running", "stopped", "killed")
+# CRIU's log level 4: debug.  A failed dump or restore is explained only at this level,
+# and the log costs ~1 ms per dump here.
+LOG_LEVEL = 4
 
 
-def _options(what: str, tcp_established: bool, network_lock: str | None = None) -> dict[str, Any]:
-    """Every option ccr sets on a dump or restore (the one place for them), by RPC name.
+@dataclass(frozen=True)
+class CriuOptions:
+    """Everything ccr asks of CRIU for one dump or restore, as one value (runc's CriuOpts).
+
+    Made only by criu_options(); request() fills CRIU's RPC request from it and from
+    nothing else, so this value is the whole of what CRIU is told (besides the image and
+    work directories, passed as descriptors for each call).
 
     Each step has its own mount namespace (see process.spawn_step), which CRIU dumps and
     restores with the tree.  The step's own mounts (its /proc and its tmpfs at /dev/shm and
@@ -104,49 +108,135 @@ def _options(what: str, tcp_established: bool, network_lock: str | None = None) 
     external (auto_ext_mnt): CRIU records where they are on the node and bind-mounts them
     from there at restore.  The step's root mount is the node's "/" (root).  A tree without
     a mount namespace of its own (an image from an older ccr) ignores all three.
-
-    network_lock (one of NETWORK_LOCKS; None: CRIU's default, iptables) matters only with
-    tcp_established, and must be the same for a dump and its restore.
     """
-    opts: dict[str, Any] = {
-        "file_locks": True,
-        "tcp_established": tcp_established,
-        "auto_ext_mnt": True,
-    }
-    if network_lock is not None:
-        opts["network_lock"] = network_lock
-    if what == "dump":
-        opts["ghost_limit"] = GHOST_LIMIT
-    if what == "restore":
-        opts["root"] = "/"
-    return opts
 
+    action: str  # "dump" or "restore"
+    pid: int | None = None  # dump: the tree's root
+    leave_running: bool = False  # dump: the tree goes on after its images are written
+    leave_stopped: bool = False  # dump: ... or stays SIGSTOP'd, for a vacate to kill it
+    # The tree's file locks (flock, POSIX) are its state: a job holding one gets it back.
+    file_locks: bool = True
+    tcp_established: bool = False
+    # One of NETWORK_LOCKS; None: CRIU's default (iptables).  Matters only with
+    # tcp_established, and must be the same for a dump and its restore.
+    network_lock: str | None = None
+    auto_ext_mnt: bool = True
+    ghost_limit: int | None = None  # dump: see GHOST_LIMIT
+    root: str | None = None  # restore: the mount namespace's root on the node
+    # restore: the root becomes ccr's child (criu's sibling), so ccr can wait for its
+    # exit status.
+    rst_sibling: bool = False
+    # CRIU's notifications (pre-dump, post-dump, ...) go to the caller's hook.
+    notify_scripts: bool = False
+    log_file: str = ""
+    log_level: int = LOG_LEVEL
+    # dump: a user's dump run as that user (node service, root without CAP_SYS_RESOURCE:
+    # see identity.criu_child_ids), which CRIU refuses without this option.
+    unprivileged: bool = False
 
-def _request(what: str, tcp_established: bool, network_lock: str | None = None) -> Any:
-    """A dump or restore request over RPC with _options."""
-    _require_rpc()
-    req = rpc.criu_req()
-    req.type = rpc.DUMP if what == "dump" else rpc.RESTORE
-    for name, value in _options(what, tcp_established, network_lock).items():
-        if name == "network_lock":
-            value = NETWORK_LOCKS.index(value) + 1  # rpc's enum values
-        setattr(req.opts, name, value)
-    return req
+    def rpc_fields(self, images_fd: int, work_fd: int) -> dict[str, int | bool | str]:
+        """The fields of CRIU's criu_opts these options set (rpc.proto names), on
+        images_fd and work_fd; CRIU's defaults for every other."""
+        fields: dict[str, int | bool | str] = {
+            "images_dir_fd": images_fd,
+            "work_dir_fd": work_fd,
+            "log_file": self.log_file,
+            "log_level": self.log_level,
+            "notify_scripts": self.notify_scripts,
+            "file_locks": self.file_locks,
+            "tcp_established": self.tcp_established,
+            "auto_ext_mnt": self.auto_ext_mnt,
+        }
+        if self.network_lock is not None:
+            fields["network_lock"] = NETWORK_LOCKS.index(self.network_lock) + 1
+        if self.pid is not None:
+            fields.update(
+                pid=self.pid, leave_running=self.leave_running, leave_stopped=self.leave_stopped
+            )
+        if self.ghost_limit is not None:
+            fields["ghost_limit"] = self.ghost_limit
+        if self.root is not None:
+            fields["root"] = self.root
+        if self.rst_sibling:
+            fields["rst_sibling"] = True
+        if self.unprivileged:
+            fields["unprivileged"] = True
+        return fields
 
-
-def command_line_options(what: str, tcp_established: bool, network_lock: str | None) -> list[str]:
-    """_options as `criu dump|restore` command-line flags (for what RPC cannot do: --stream)."""
-    flags: list[str] = []
-    for name, value in _options(what, tcp_established, network_lock).items():
-        if value is False:
-            continue
-        if name == "auto_ext_mnt":
+    def command_line(self) -> list[str]:
+        """These options as `criu restore` flags, for what RPC refuses (`--stream`, see
+        engines.imagestream); the image and work directories, the log's directory and
+        the notify hook (an --action-script) are the caller's to add.  rst_sibling is
+        `--restore-detached --restore-sibling` there: criu exits once the tree runs,
+        the tree stays ccr's child."""
+        if self.action != "restore":
+            raise ValueError(f"no command line for a {self.action}")
+        flags = ["-o", self.log_file, f"-v{self.log_level}"]
+        if self.file_locks:
+            flags.append("--file-locks")
+        if self.tcp_established:
+            flags.append("--tcp-established")
+        if self.network_lock is not None:
+            flags += ["--network-lock", self.network_lock]
+        if self.auto_ext_mnt:
             flags += ["--ext-mount-map", "auto"]
-        elif name in ("network_lock", "root", "ghost_limit"):
-            flags += ["--" + name.replace("_", "-"), str(value)]
-        else:
-            flags.append("--" + name.replace("_", "-"))
-    return flags
+        if self.root is not None:
+            flags += ["--root", self.root]
+        if self.rst_sibling:
+            flags += ["--restore-detached", "--restore-sibling"]
+        return flags
+
+    def request(self, images_fd: int, work_fd: int) -> bytes:
+        """CRIU's RPC request (a serialized criu_req) for these options."""
+        kind = criu_wire.DUMP if self.action == "dump" else criu_wire.RESTORE
+        return criu_wire.encode_req(
+            kind, criu_wire.encode_opts(self.rpc_fields(images_fd, work_fd))
+        )
+
+
+def criu_options(
+    action: str,
+    *,
+    pid: int | None = None,
+    final_state: str = "running",
+    tcp_established: bool = False,
+    network_lock: str | None = None,
+    notify: bool = False,
+) -> CriuOptions:
+    """The one place ccr's settings become CRIU options, for a dump or a restore.
+
+    final_state (dump): what the tree does after a successful dump, one of FINAL_STATES:
+    "running" (go on), "stopped" (SIGSTOP'd, for a caller that kills it only once the
+    image is safe) or "killed".  notify: CRIU's notifications go to a hook.
+    """
+    if action not in ("dump", "restore"):
+        raise ValueError(action)
+    if network_lock is not None and network_lock not in NETWORK_LOCKS:
+        raise ValueError(network_lock)
+    if action == "restore":
+        return CriuOptions(
+            action,
+            tcp_established=tcp_established,
+            network_lock=network_lock,
+            root="/",
+            rst_sibling=True,
+            notify_scripts=notify,
+            log_file="restore.log",
+        )
+    if final_state not in FINAL_STATES or pid is None:
+        raise ValueError(f"dump of pid {pid} to {final_state}")
+    return CriuOptions(
+        action,
+        pid=pid,
+        leave_running=final_state == "running",
+        leave_stopped=final_state == "stopped",
+        tcp_established=tcp_established,
+        network_lock=network_lock,
+        ghost_limit=GHOST_LIMIT,
+        notify_scripts=notify,
+        log_file="dump.log",
+        unprivileged=identity.criu_as_caller(True, identity.lacks_sys_resource()),
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -276,52 +366,39 @@ class Criu:
     @_privileged
     def dump(
         self,
-        pid: int,
+        options: CriuOptions,
         images_dir: Path,
         work_dir: Path,
         *,
-        final_state: str = "running",
-        timeout: float | None = None,
+        deadline: Deadline = NO_DEADLINE,
         hook: NotifyHook | None = None,
-        tcp_established: bool = False,
-        network_lock: str | None = None,
-        limit_name: str = "MaxWait",
     ) -> DumpStats:
-        """Dump the tree rooted at pid into images_dir (which must exist).
+        """Dump the tree options name (criu_options("dump", ...)) into images_dir (which
+        must exist), within deadline.
 
-        final_state is what the tree does after a successful dump: "running" (go on),
-        "stopped" (SIGSTOP'd, for a caller that kills it only once the image is safe) or
-        "killed".  A failed dump always leaves the tree running.  CRIU's log (dump.log) and
-        statistics (stats-dump) go to work_dir.
+        A failed dump always leaves the tree running.  CRIU's log (dump.log) and
+        statistics (stats-dump) go to work_dir; CRIU's notifications to hook.
 
         A dump CRIU refuses for a transient state of the tree (TRANSIENT_DUMP) is tried
-        again after a short pause (DUMP_RETRY_BACKOFF) while the timeout leaves time for
+        again after a short pause (DUMP_RETRY_BACKOFF) while the deadline leaves time for
         it; the tree runs on between tries, and each refused try's log is kept beside
         dump.log as dump-try-N.log.
         """
-        if final_state not in ("running", "stopped", "killed"):
-            raise ValueError(final_state)
+        if options.action != "dump" or options.pid is None:
+            raise ValueError(options)
+        pid = options.pid
         # Node mounts unmounted since the step started: CRIU cannot find them on the node.
         process.drop_gone_mounts(pid)
-        req = _request("dump", tcp_established, network_lock)
-        req.opts.pid = pid
-        req.opts.leave_running = final_state == "running"
-        req.opts.leave_stopped = final_state == "stopped"
         started = time.monotonic()
         before = set(os.listdir(images_dir))
         attempts = 1
         while True:
             try:
-                with parasite_scratch(pid, timeout):
-                    remaining = (
-                        None
-                        if timeout is None
-                        else max(0.001, timeout - (time.monotonic() - started))
-                    )
-                    self._call(req, images_dir, work_dir, remaining, hook, "dump", limit_name)
+                with parasite_scratch(pid, deadline):
+                    self._call(options, images_dir, work_dir, deadline, hook)
                 break
             except CriuError as exc:
-                pause = _retry_pause(exc, attempts, started, timeout)
+                pause = _retry_pause(exc, attempts, deadline)
                 if pause is None:
                     reason = transient_reason(Path(exc.log_path)) if exc.log_path else None
                     if reason is None or attempts == 1:
@@ -345,27 +422,25 @@ class Criu:
     @_privileged
     def restore(
         self,
+        options: CriuOptions,
         images_dir: Path,
         work_dir: Path,
         *,
-        timeout: float | None = None,
-        hook: NotifyHook | None = None,
-        tcp_established: bool = False,
-        network_lock: str | None = None,
+        deadline: Deadline = NO_DEADLINE,
     ) -> RestoreResult:
-        """Restore the tree in images_dir as a child of the calling process; return its root.
+        """Restore the tree in images_dir (with criu_options("restore", ...)) as a child of
+        the calling process, within deadline; return its root.
 
         CRIU's log (restore.log) goes to work_dir.
         """
-        req = _request("restore", tcp_established, network_lock)
+        if options.action != "restore" or not options.rst_sibling:
+            raise ValueError(options)
         process.drop_time_wait(tcp_listen_ports(images_dir))
         view = without_gone_mounts(images_dir)
-        # The root becomes our child (criu's sibling), so we can wait for its exit status.
-        req.opts.rst_sibling = True
         started = time.monotonic()
         since = process.now_ticks()
         try:
-            resp = self._call(req, view, work_dir, timeout, hook, "restore")
+            resp = self._call(options, view, work_dir, deadline, None)
         except BaseException:
             # Roll back: no half-restored tree may outlive a failed or abandoned restore.
             for pid in process.restore_leftovers(since, self.binary):
@@ -377,36 +452,27 @@ class Criu:
             raise
         finally:
             drop_view(view, images_dir)
-        return RestoreResult(pid=resp.restore.pid, wall_time=time.monotonic() - started)
+        return RestoreResult(pid=resp.restore_pid, wall_time=time.monotonic() - started)
 
     def _call(
         self,
-        req: Any,
+        options: CriuOptions,
         images_dir: Path,
         work_dir: Path,
-        timeout: float | None,
+        deadline: Deadline,
         hook: NotifyHook | None,
-        what: str,
-        limit_name: str = "MaxWait",
-    ) -> Any:
+    ) -> criu_wire.Response:
+        what = options.action
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_file = work_dir / f"{what}.log"
+        log_file = work_dir / options.log_file
         try:
             images_fd = os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise CcrError(f"cannot open image directory {images_dir}: {exc.strerror}") from None
         work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
-        opts = req.opts  # type: ignore[attr-defined]
-        opts.images_dir_fd = images_fd
-        opts.work_dir_fd = work_fd
-        opts.log_file = log_file.name
-        opts.log_level = 4
-        opts.notify_scripts = hook is not None
+        req = options.request(images_fd, work_fd)
         lacking = identity.lacks_sys_resource()
-        if identity.criu_as_caller(what == "dump", lacking):
-            opts.unprivileged = True  # see identity.criu_child_ids
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             proc = subprocess.Popen(
                 [self.binary, "swrk", str(theirs.fileno())],
@@ -428,26 +494,24 @@ class Criu:
         # CRIU opens images_dir_fd and work_dir_fd through /proc/<our pid>/fd: keep them open.
         try:
             try:
-                ours.send(req.SerializeToString())
+                ours.send(req)
             except OSError:
                 pass  # criu died at once: the receive below reports it from its log
             while True:
-                resp = self._receive(ours, deadline, proc, what, log_file, timeout, limit_name)
-                if resp.type == rpc.NOTIFY:
+                resp = self._receive(ours, deadline, proc, what, log_file)
+                if resp.type == criu_wire.NOTIFY:
                     ok = True
                     try:
                         if hook is not None:
                             with identity.as_caller():  # ccr's own work, as the caller
-                                hook(resp.notify.script, resp.notify.pid)
+                                hook(resp.notify_script, resp.notify_pid)
                     except Exception:
                         ok = False
                         raise
                     finally:
-                        ack = rpc.criu_req()
-                        ack.type = rpc.NOTIFY
-                        ack.notify_success = ok
+                        ack = criu_wire.encode_req(criu_wire.NOTIFY, notify_success=ok)
                         try:
-                            ours.send(ack.SerializeToString())
+                            ours.send(ack)
                         except OSError:
                             pass
                     continue
@@ -466,41 +530,34 @@ class Criu:
         if not resp.success:
             detail = resp.cr_errmsg or (os.strerror(resp.cr_errno) if resp.cr_errno else "")
             reason = log_reason(log_file) or detail or "unknown error"
-            raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
+            raise failure(what, reason, log_file, resp.cr_errno)
         return resp
 
     def _receive(
         self,
         sock: socket.socket,
-        deadline: float | None,
+        deadline: Deadline,
         proc: subprocess.Popen[bytes],
         what: str,
         log_file: Path,
-        timeout: float | None,
-        limit_name: str,
-    ) -> Any:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MaxWaitExceeded(
-                    f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
-                )
-            sock.settimeout(remaining)
+    ) -> criu_wire.Response:
+        if deadline.bounded:
+            deadline.check(f"CRIU {what}")
+            sock.settimeout(deadline.timeout())
         try:
             buf = sock.recv(1 << 20)
         except TimeoutError:
-            raise MaxWaitExceeded(
-                f"CRIU {what} did not finish within {limit_name}={timeout:g}s"
-            ) from None
+            raise deadline.exceeded(f"CRIU {what}") from None
         except OSError:
             buf = b""  # criu died mid-answer (connection reset): its log says why
         if not buf:
             proc.wait()
             reason = log_reason(log_file) or f"criu exited with status {proc.returncode}"
-            raise CriuError(f"CRIU {what} failed: {reason}", str(log_file))
-        resp = rpc.criu_resp()
-        resp.ParseFromString(buf)
-        return resp
+            raise failure(what, reason, log_file, 0)
+        try:
+            return criu_wire.decode_resp(buf)
+        except ValueError as exc:
+            raise CriuError(f"CRIU {what}: undecodable answer ({exc})", str(log_file)) from None
 
 
 # CRIU's parasite, dumping the root of a PID namespace that sees the node's /proc, mounts a
@@ -520,7 +577,7 @@ def scratch_lock(cwd: str) -> Path:
 
 
 @contextmanager
-def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
+def parasite_scratch(pid: int, deadline: Deadline) -> Iterator[None]:
     """Serialize dumps of roots sharing a working directory; clear a stale scratch dir.
 
     Only for a root without a procfs of its own (a tree restored from an older image).
@@ -534,7 +591,7 @@ def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
         yield  # the dump itself will say what is wrong with pid
         return
     busy = f"another CRIU dump in {cwd} is still running"
-    with exclusive_lock(scratch_lock(cwd), timeout, busy):
+    with exclusive_lock(scratch_lock(cwd), deadline, busy):
         scratch = Path(cwd) / SCRATCH_NAME
         if scratch.is_dir():
             # Left by a CRIU killed mid-dump.  Only an empty, unmounted directory is removed:
@@ -546,9 +603,7 @@ def parasite_scratch(pid: int, timeout: float | None) -> Iterator[None]:
         yield
 
 
-def _retry_pause(
-    exc: CriuError, attempts: int, started: float, timeout: float | None
-) -> float | None:
+def _retry_pause(exc: CriuError, attempts: int, deadline: Deadline) -> float | None:
     """How long to wait before trying a refused dump again; None: do not try again."""
     if attempts > len(DUMP_RETRY_BACKOFF) or not exc.log_path:
         return None
@@ -556,7 +611,8 @@ def _retry_pause(
         return None
     pause = DUMP_RETRY_BACKOFF[attempts - 1]
     # Only while the limit leaves room for the pause and a dump after it.
-    if timeout is not None and time.monotonic() - started + 2 * pause > timeout:
+    left = deadline.remaining()
+    if left is not None and 2 * pause > left:
         return None
     return pause
 
@@ -587,6 +643,38 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:  # pragma: no cover - a wedged criu in D state
         pass
+
+
+def failure(what: str, reason: str, log_file: Path, cr_errno: int) -> CcrError:
+    """The error for a failed CRIU action, classified by errno where CRIU hit one.
+
+    A full image directory (NO_SPACE: CRIU's errno, else the errno its log reports) is a
+    StorageError carrying that errno (exit 8, as any other full disk); the rest CriuError.
+    """
+    code = cr_errno if cr_errno in NO_SPACE else log_errno(log_file, NO_SPACE)
+    message = f"CRIU {what} failed: {reason}"
+    if code:
+        return StorageError(message, errno=code, log_path=str(log_file))
+    return CriuError(message, str(log_file))
+
+
+def log_errno(log_file: Path, wanted: tuple[int, ...]) -> int:
+    """The first of wanted that CRIU's log reports in an error line, else 0.
+
+    CRIU has no other channel for the errno of most failures: it logs strerror(errno)
+    ("%m") after the failed call, and os.strerror gives the same text.
+    """
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0
+    texts = {code: os.strerror(code) for code in wanted}
+    for line in lines:
+        if "Error" in line:
+            for code, text in texts.items():
+                if text in line:
+                    return code
+    return 0
 
 
 def log_reason(log_file: Path) -> str:
@@ -746,22 +834,34 @@ def tcp_listen_ports(images_dir: Path) -> set[int]:
     return ports
 
 
+# The magics that may precede an image's own (criu/include/magic.h): IMG_COMMON, IMG_SERVICE.
+_LEADING_MAGICS = (0x54564319, 0x55105940)
+
+
 def read_dump_stats(path: Path) -> DumpStats:
-    """Decode CRIU's stats-dump image (times in CRIU's microseconds, returned in seconds)."""
+    """Decode CRIU's stats-dump image (times in CRIU's microseconds, returned in seconds).
+
+    The image is one stats_entry after its magics (decoded by criu_wire: pycriu.images
+    loads every image's protobufs, 17 ms a dump here).
+    """
     stats = DumpStats()
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except OSError:
         return stats
     try:
-        from pycriu import images
-
-        with path.open("rb") as fh:
-            entry = images.load(fh)["entries"][0]["dump"]
-    except Exception:  # noqa: BLE001 - stats are informative; a decoding problem is not fatal
+        offset = 4
+        (magic,) = struct.unpack_from("<I", data, 0)
+        if magic in _LEADING_MAGICS:
+            offset = 8
+        (size,) = struct.unpack_from("<I", data, offset)
+        dump = criu_wire.decode_dump_stats(data[offset + 4 : offset + 4 + size])
+    except (ValueError, struct.error):  # stats are informative: a bad image is not fatal
         return stats
-    stats.freezing_time = int(entry.get("freezing_time", 0)) / 1e6
-    stats.frozen_time = int(entry.get("frozen_time", 0)) / 1e6
-    stats.memdump_time = int(entry.get("memdump_time", 0)) / 1e6
-    stats.memwrite_time = int(entry.get("memwrite_time", 0)) / 1e6
-    stats.pages_scanned = int(entry.get("pages_scanned", 0))
-    stats.pages_written = int(entry.get("pages_written", 0))
+    stats.freezing_time = dump["freezing_time"] / 1e6
+    stats.frozen_time = dump["frozen_time"] / 1e6
+    stats.memdump_time = dump["memdump_time"] / 1e6
+    stats.memwrite_time = dump["memwrite_time"] / 1e6
+    stats.pages_scanned = dump["pages_scanned"]
+    stats.pages_written = dump["pages_written"]
     return stats

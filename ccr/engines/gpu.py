@@ -12,7 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from ccr.errors import GpuError, MaxWaitExceeded
+from ccr.deadline import NO_DEADLINE, Deadline
+from ccr.errors import GpuError
 
 PROC = Path("/proc")
 
@@ -272,7 +273,7 @@ class GpuSequence:
         seq = GpuSequence(deadline=deadline)
         seq.checkpoint(tree_pids)          # lock all, then checkpoint all (no-op: no CUDA)
         try:
-            criu.dump(..., timeout=seq.remaining())
+            criu.dump(..., deadline=deadline)
         except BaseException:
             seq.rollback()                 # the job runs on, GPU state back on the GPU
             raise
@@ -281,7 +282,7 @@ class GpuSequence:
         manifest.gpu = seq.record()
 
     Only what this sequence did is undone: a process the user had locked (or checkpointed)
-    himself is left so.  The deadline (time.monotonic() based, as MaxWait) bounds the lock
+    himself is left so.  The deadline (the checkpoint's MaxWait) bounds the lock
     (its remaining time is the driver's lock timeout) and is checked between calls; the
     driver's checkpoint cannot be interrupted.  Undoing (rollback, resume) ignores the
     deadline: the job must run again whatever the time.  A tree left SIGSTOP'd (a vacate's
@@ -293,7 +294,7 @@ class GpuSequence:
         self,
         backend: GpuCheckpointer | None = None,
         *,
-        deadline: float | None = None,
+        deadline: Deadline = NO_DEADLINE,
         proc_root: Path = PROC,
         clock: Callable[[], float] = time.monotonic,
         cont: Callable[[int], None] | None = None,
@@ -313,18 +314,8 @@ class GpuSequence:
 
     # -- time
 
-    def remaining(self) -> float | None:
-        """Seconds left before the deadline (None: no deadline); at least 1 ms."""
-        if self.deadline is None:
-            return None
-        return max(0.001, self.deadline - self.clock())
-
-    def _expired(self) -> bool:
-        return self.deadline is not None and self.clock() >= self.deadline
-
     def _check_deadline(self, what: str) -> None:
-        if self._expired():
-            raise MaxWaitExceeded(f"GPU checkpoint did not finish within MaxWait ({what})")
+        self.deadline.check(f"GPU checkpoint ({what})")
 
     # -- dump side
 
@@ -349,16 +340,15 @@ class GpuSequence:
                 if self.initial[pid] != "running":
                     continue
                 self._check_deadline(f"before locking pid {pid}")
-                remaining = self.remaining()
+                remaining = self.deadline.timeout()
                 timeout_ms = 0 if remaining is None else max(1, int(remaining * 1000))
                 self.locked.append(pid)  # first: undo asks the driver what a failed call did
                 try:
                     self.backend.lock(pid, timeout_ms)
                 except GpuError as exc:
-                    if self._expired() or _is_timeout(exc):
-                        raise MaxWaitExceeded(
-                            f"GPU checkpoint did not finish within MaxWait (lock of pid {pid}: "
-                            f"{exc})"
+                    if self.deadline.expired() or _is_timeout(exc):
+                        raise self.deadline.exceeded(
+                            f"GPU checkpoint (lock of pid {pid}: {exc})"
                         ) from None
                     raise
             self.timings["gpu_lock_s"] = self.clock() - began
@@ -547,7 +537,7 @@ def restore_tree(
     tree: Iterable[int],
     backend: GpuCheckpointer | None = None,
     *,
-    deadline: float | None = None,
+    deadline: Deadline = NO_DEADLINE,
     proc_root: Path = PROC,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
@@ -569,8 +559,7 @@ def restore_tree(
     hosts = [mapping[p] for p in ns_list]
 
     def check(what: str) -> None:
-        if deadline is not None and clock() >= deadline:
-            raise MaxWaitExceeded(f"GPU restore did not finish within MaxWait ({what})")
+        deadline.check(f"GPU restore ({what})")
 
     already: list[int] = []
     for pid in hosts:

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccr import identity
+from ccr.deadline import NO_DEADLINE, Deadline
 from ccr.engines import criu as criu_engine
 from ccr.engines import process
 from ccr.engines.compression import framed_entry, read_verified
-from ccr.errors import CcrError, CriuError, IntegrityError, MaxWaitExceeded, StorageError
+from ccr.errors import CcrError, CriuError, IntegrityError, StorageError
 from ccr.storage.manifest import FileEntry
 
 SOCKET_NAME = "streamer-serve.sock"  # criu/img-streamer.c, restore side
@@ -416,7 +417,7 @@ def restore(
     sock_dir: Path,
     work_dir: Path,
     *,
-    timeout: float | None = None,
+    deadline: Deadline = NO_DEADLINE,
     tcp_established: bool = False,
     network_lock: str | None = None,
     on_sample: Callable[[int], None] | None = None,
@@ -442,7 +443,10 @@ def restore(
         pidfile = work_dir / "restored.pid"
         pidfile.unlink(missing_ok=True)
     gate = sock_dir / "stream-gate"
-    log_file = work_dir / "restore.log"
+    options = criu_engine.criu_options(
+        "restore", tcp_established=tcp_established, network_lock=network_lock
+    )
+    log_file = work_dir / options.log_file
     cmd = [
         binary,
         "restore",
@@ -451,21 +455,15 @@ def restore(
         str(sock_dir),
         "-W",
         str(work_dir),
-        "-o",
-        log_file.name,
-        "-v4",
-        "--restore-detached",
-        "--restore-sibling",
         "--pidfile",
         str(pidfile),
         "--action-script",
         str(script),
-        *criu_engine.command_line_options("restore", tcp_established, network_lock),
+        *options.command_line(),
     ]
     env = dict(os.environ, CCR_STREAM_GATE=str(gate))
     started = time.monotonic()
     since = process.now_ticks()
-    deadline = None if timeout is None else started + timeout
     proc: subprocess.Popen[bytes] | None = None
     server = ImageServer(sock_dir, sources, gate)
     try:
@@ -484,8 +482,8 @@ def restore(
         except OSError as exc:
             raise CcrError(f"cannot run CRIU at {binary}: {exc.strerror}") from None
         while proc.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise MaxWaitExceeded(f"CRIU restore did not finish within MaxWait={timeout:g}s")
+            if deadline.expired():
+                raise deadline.exceeded("CRIU restore")
             if on_sample is not None:
                 on_sample(server.sent())
             try:

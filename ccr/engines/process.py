@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -398,8 +399,25 @@ def signal_process(pid: int, sig: int) -> bool:
 
 
 def wait_gone(identity: ProcessIdentity, timeout: float) -> bool:
-    """Wait until the process has exited (or is a zombie); True if it did within timeout."""
+    """Wait until the process has exited (or is a zombie); True if it did within timeout.
+
+    Woken by the exit itself (a pidfd polls readable once the process has exited, child or
+    not): a killed 64 MiB tree is gone ~20 ms sooner than the 20 ms polls noticed it.
+    """
     deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except OSError:
+        pidfd = None  # gone already (or no pidfd here): the polls below
+    if pidfd is not None:
+        try:
+            # Opened while the process is still the one meant: the pidfd is its own.
+            if identity.alive():
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll(max(0, int(timeout * 1000)))
+        finally:
+            os.close(pidfd)
     while identity.alive():
         if time.monotonic() >= deadline:
             return False

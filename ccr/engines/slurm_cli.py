@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ccr.config import node_name
+from ccr.config import env_int as _int
+from ccr.config import env_str, node_name
 from ccr.errors import CcrError, JobStateError, NotFoundError
 
 TIMEOUT = 60.0
@@ -139,11 +140,6 @@ def running_nodes(job_id: int) -> list[str]:
     return hostnames(info.get("NodeList", ""))
 
 
-def _int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else None
-
-
 @dataclass(frozen=True)
 class TaskEnv:
     """Who this process is in Slurm: job, step, rank and node (all None outside Slurm)."""
@@ -167,7 +163,7 @@ class TaskEnv:
             ntasks=(_int("SLURM_STEP_NUM_TASKS") or _int("SLURM_NTASKS") or 1) if in_step else 1,
             nnodes=(_int("SLURM_STEP_NUM_NODES") or _int("SLURM_NNODES") or 1) if in_step else 1,
             node=node_name(),
-            nodelist=os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", ""),
+            nodelist=env_str("SLURM_STEP_NODELIST") or env_str("SLURM_NODELIST"),
             restart_count=_int("SLURM_RESTART_COUNT"),
         )
 

@@ -29,9 +29,9 @@ LOCAL_FIRST = {"--version", "--help", "-h", "--install-completion", "--show-comp
 def socket_path() -> Path:
     """`CCR_SOCKET` (`%n` = this node's name, as in CCR_STATE_DIR: nodes that share one
     /run, like the mini-cluster's, each have their own service), else /run/ccr/ccr.sock."""
-    from ccr.config import node_name
+    from ccr.config import node_name, service_socket
 
-    return Path((os.environ.get("CCR_SOCKET") or DEFAULT_SOCKET).replace("%n", node_name()))
+    return Path((service_socket() or DEFAULT_SOCKET).replace("%n", node_name()))
 
 
 class ServiceUnavailable(PermissionDeniedError):
@@ -64,7 +64,9 @@ def wants_service(argv: list[str]) -> bool:
         return False
     if os.geteuid() != 0:
         return True
-    if not os.environ.get("CCR_SOCKET"):
+    from ccr.config import service_socket
+
+    if not service_socket():
         return False
     try:
         connect(socket_path()).close()

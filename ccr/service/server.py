@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ccr import identity
+from ccr.errors import EXIT_INTERNAL, CriuError, PermissionDeniedError
 from ccr.service import client, protocol
 
 REQUEST_TIMEOUT = 30.0  # seconds a connection may take to send its request
@@ -48,10 +49,10 @@ def _log(message: str) -> None:
 
 def _containers(state: Path) -> list[Path]:
     """The private scratch containers (tmpfs and disk), root-owned 0711 (see ccr.identity)."""
-    from ccr.storage.imageset import FAST_SCRATCH
+    from ccr import config
 
     made = []
-    for name, base in (("FAST", FAST_SCRATCH), ("DISK", state.parent)):
+    for name, base in (("FAST", config.fast_scratch()), ("DISK", state.parent)):
         try:
             path = Path(tempfile.mkdtemp(prefix=".ccr-service-", dir=base))
         except OSError:
@@ -66,7 +67,7 @@ def serve(path: Path) -> int:
     """Listen on path until SIGTERM or SIGINT; return the exit code."""
     if os.geteuid() != 0:
         _log("must run as root")
-        return 9
+        return PermissionDeniedError.exit_code
     from ccr import cli, config
 
     # Loaded once here, so that each forked worker starts warm (the point of forking).
@@ -94,7 +95,7 @@ def serve(path: Path) -> int:
         os.environ["CCR_INIT"] = config.init_binary()
     except Exception as exc:  # noqa: BLE001 - reported at once; the service does not start
         _log(str(exc))
-        return 5
+        return CriuError.exit_code
     containers = _containers(state)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     path.unlink(missing_ok=True)
@@ -127,12 +128,12 @@ def serve(path: Path) -> int:
                 continue
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the worker
-                code = 70
+                code = EXIT_INTERNAL
                 try:
                     listener.close()
                     code = _worker(conn, service_env, cli)
                 except BaseException:  # noqa: BLE001 - a worker never returns into the loop
-                    code = 70
+                    code = EXIT_INTERNAL
                 finally:
                     os._exit(code)
             workers.add(pid)

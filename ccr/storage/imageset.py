@@ -8,11 +8,12 @@ import os
 import re
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccr import identity
-from ccr.errors import StorageError
+from ccr import config, identity
+from ccr.errors import NO_SPACE, StorageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
@@ -113,11 +114,13 @@ def prepare_image_dir(path: Path, what: str = "image directory", mkdir: bool = F
 
 def storage_error(path: Path, exc: OSError, doing: str) -> StorageError:
     """A one-line error for a failed file operation, saying 'no space' plainly."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(f"no space left on the file system of {path} while {doing}")
+    if exc.errno in NO_SPACE:
+        return StorageError(
+            f"no space left on the file system of {path} while {doing}", errno=exc.errno
+        )
     if exc.errno == errno.EROFS:
-        return StorageError(f"{path} is on a read-only file system")
-    return StorageError(f"{doing} {path}: {exc.strerror or exc}")
+        return StorageError(f"{path} is on a read-only file system", errno=exc.errno)
+    return StorageError(f"{doing} {path}: {exc.strerror or exc}", errno=exc.errno)
 
 
 def fsync_tree(path: Path) -> None:
@@ -127,17 +130,34 @@ def fsync_tree(path: Path) -> None:
     in this node's page cache would only take memory from the job and from the next
     checkpoint's tmpfs staging (which, on a full page cache, then dumps through reclaim).
     """
-    for root, dirs, files in os.walk(path):
+    files: list[str] = []
+    dirs: list[Path] = []
+    for root, subdirs, names in os.walk(path):
+        files.extend(os.path.join(root, name) for name in names)
+        dirs.extend(Path(root) / name for name in subdirs)
+    # The files' fsyncs at once (fsync releases the GIL): the file system commits them
+    # together, 24 files of a 64 MiB checkpoint in ~40 ms here against ~80 ms one by one.
+    if len(files) > 1:
+        with ThreadPoolExecutor(min(FSYNC_THREADS, len(files))) as pool:
+            list(pool.map(_fsync_file, files))
+    else:
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        for name in dirs:
-            fsync_dir(Path(root) / name)
+            _fsync_file(name)
+    for directory in dirs:
+        fsync_dir(directory)
     fsync_dir(path)
+
+
+FSYNC_THREADS = 8
+
+
+def _fsync_file(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -254,9 +274,6 @@ class CheckpointSeries:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-FAST_SCRATCH = Path(os.environ.get("CCR_SCRATCH", "/dev/shm"))
-
-
 def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     """A private temporary directory for raw images: tmpfs when it has room, else fallback.
 
@@ -270,7 +287,7 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
     # A user's raw images (node service) never go where the user can reach them: the
     # service's own containers (see identity.private_container), not beside ImageDir.
     private = identity.served_user()
-    fast = identity.private_container(fast=True) if private else FAST_SCRATCH
+    fast = identity.private_container(fast=True) if private else config.fast_scratch()
     if private:
         disk = identity.private_container(fast=False)
         if disk is None:
