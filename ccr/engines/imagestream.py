@@ -27,6 +27,7 @@ import errno
 import fcntl
 import os
 import select
+import shlex
 import signal
 import socket
 import struct
@@ -60,7 +61,7 @@ GATE_TIMEOUT_S = 3600
 _SCRIPT = """#!/bin/bash
 # ccr: hold the restored tree at post-restore until ccr verified every image byte CRIU read.
 [ "$CRTOOLS_SCRIPT_ACTION" = "{action}" ] || exit 0
-read -r -t {timeout} verdict <>"$CCR_STREAM_GATE" && [ "$verdict" = ok ]
+read -r -t {timeout} verdict <>{gate} && [ "$verdict" = ok ]
 """
 
 
@@ -435,14 +436,16 @@ def restore(
     the server's threads, started outside privileged(), read the stored files with the
     caller's file credentials (threads keep the credentials they were started with).
     """
+    gate = sock_dir / "stream-gate"
     with identity.privileged():
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         script = work_dir / "ccr-stream-gate.sh"
-        script.write_text(_SCRIPT.format(action=GATE_ACTION, timeout=GATE_TIMEOUT_S))
+        script.write_text(
+            _SCRIPT.format(action=GATE_ACTION, timeout=GATE_TIMEOUT_S, gate=shlex.quote(str(gate)))
+        )
         script.chmod(0o700)
         pidfile = work_dir / "restored.pid"
         pidfile.unlink(missing_ok=True)
-    gate = sock_dir / "stream-gate"
     options = criu_engine.criu_options(
         "restore", tcp_established=tcp_established, network_lock=network_lock
     )
@@ -461,7 +464,6 @@ def restore(
         str(script),
         *options.command_line(),
     ]
-    env = dict(os.environ, CCR_STREAM_GATE=str(gate))
     started = time.monotonic()
     since = process.now_ticks()
     proc: subprocess.Popen[bytes] | None = None
@@ -471,7 +473,6 @@ def restore(
             with identity.privileged():
                 proc = subprocess.Popen(
                     cmd,
-                    env=env,
                     cwd=work_dir,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
