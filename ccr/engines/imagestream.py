@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import select
 import shlex
 import signal
@@ -446,6 +447,7 @@ def restore(
         script.chmod(0o700)
         pidfile = work_dir / "restored.pid"
         pidfile.unlink(missing_ok=True)
+    short = _short_dir(sock_dir)  # (cmd cannot fail: nothing to clean up before the try)
     options = criu_engine.criu_options(
         "restore", tcp_established=tcp_established, network_lock=network_lock
     )
@@ -455,7 +457,7 @@ def restore(
         "restore",
         "--stream",
         "-D",
-        str(sock_dir),
+        str(short),
         "-W",
         str(work_dir),
         "--pidfile",
@@ -467,7 +469,11 @@ def restore(
     started = time.monotonic()
     since = process.now_ticks()
     proc: subprocess.Popen[bytes] | None = None
-    server = ImageServer(sock_dir, sources, gate)
+    try:
+        server = ImageServer(short, sources, gate)
+    except BaseException:
+        _drop_short(short, sock_dir)
+        raise
     try:
         try:
             with identity.privileged():
@@ -519,9 +525,35 @@ def restore(
     finally:
         server.close()
         gate.unlink(missing_ok=True)
+        _drop_short(short, sock_dir)
         with identity.privileged():
             _write_log(work_dir / "stream.log", server.stats, time.monotonic() - started)
     return StreamedRestore(pid, criu_time, server.stats)
+
+
+# sockaddr_un holds 108 bytes, and CRIU connects to "<-D>/streamer-serve.sock" (truncated
+# beyond): a node service's private scratch paths are longer than that.
+_SUN_PATH = 100
+
+
+def _short_dir(directory: Path) -> Path:
+    """directory, or a short symbolic link to it in /tmp when its socket path would be too
+    long (a name of our own, made with O_EXCL semantics, in the sticky /tmp)."""
+    if len(str(directory / SOCKET_NAME).encode()) <= _SUN_PATH:
+        return directory
+    for _ in range(8):
+        link = Path("/tmp") / f".ccr-stream-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            link.symlink_to(directory)
+            return link
+        except FileExistsError:
+            continue
+    raise StorageError(f"cannot make a short path to {directory} in /tmp")
+
+
+def _drop_short(short: Path, directory: Path) -> None:
+    if short != directory:
+        short.unlink(missing_ok=True)
 
 
 def _write_log(path: Path, stats: StreamStats, wall: float) -> None:
