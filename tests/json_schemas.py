@@ -87,6 +87,9 @@ RESTARTED = obj(
         "checkpoint": PATH,
         "restore_time": SECONDS,
         "unpack_time": SECONDS,
+        "resume_time": SECONDS,
+        "fill_time": {"type": ["number", "null"], "minimum": 0},
+        "lazy": {"type": "boolean"},
     }
 )
 RESTART = obj(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,14 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ccr import identity, interrupts, progress
+from ccr import config, identity, interrupts, progress
 from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.deadline import Deadline
-from ccr.engines import gpu, image_fixes, openfiles, process
+from ccr.engines import gpu, image_fixes, openfiles, page_server, process
 from ccr.engines.compression import decompress_dir
 from ccr.engines.criu import criu_options
 from ccr.errors import (
+    CcrError,
     IntegrityError,
     JobStateError,
     NotFoundError,
@@ -64,6 +67,14 @@ class RestartResult:
     restore_time: float
     # Of restore_time, the part spent decompressing (and verifying) the stored images.
     unpack_time: float = 0.0
+    # A lazy restore (--lazy): the tree ran after restore_time (resume_time), its memory
+    # was all in fill_time after the start (None until known); fill_status is the file
+    # that says so (page_server.FILL_STATUS in the restore's work dir), fill_marker the
+    # one that stands for the fill while it runs.
+    lazy: bool = False
+    fill_status: str | None = None
+    fill_marker: str | None = None
+    fill_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +87,11 @@ class RestartResult:
             "checkpoint": str(self.checkpoint),
             "restore_time": round(self.restore_time, 4),
             "unpack_time": round(self.unpack_time, 4),
+            # Until the restored tree runs: eagerly, all of the restore; lazily, before
+            # its memory is all in (fill_time).
+            "resume_time": round(self.restore_time, 4),
+            "fill_time": None if self.fill_time is None else round(self.fill_time, 4),
+            "lazy": self.lazy,
         }
 
 
@@ -93,6 +109,8 @@ class RestartOptions:
     # step (as CCR_TCP_ESTABLISHED=1 does).
     tcp_established: bool = False
     new_job: bool = False  # a multi-node checkpoint: submit a new job, never requeue
+    # The tree runs before its memory is in (restore_into); CCR_RESTART_LAZY=1 by default.
+    lazy: bool = False
 
 
 def refuse_multi_node(steps: list[layout.StepCheckpoint], how: str) -> None:
@@ -106,14 +124,16 @@ def refuse_multi_node(steps: list[layout.StepCheckpoint], how: str) -> None:
         )
 
 
-def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
+def load_image(rt: Runtime, path: Path, full: bool = True, lazy: bool = False) -> StepImage:
     """Authenticate the manifest and check every file; raise naming what is wrong.
 
-    full=False leaves the hashes of compressed files to the decompression that follows.
+    full=False leaves the hashes of compressed files to the decompression that follows;
+    lazy leaves those of the pages files to the page server (page_server.deferred).
     """
     key = rt.manifest_key(create=False)
     manifest = load_step_manifest(path, key)
-    verify_files(path, manifest, hash_packed=full)
+    later = page_server.deferred if lazy and not identity.served_user() else None
+    verify_files(path, manifest, hash_packed=full, later=later)
     generation = layout.generation_of(path)
     if generation != path:  # a step (or rank) of a whole-job or multi-node checkpoint
         JobManifest.from_dict(read_verified(generation / JOB_MANIFEST, key))
@@ -235,15 +255,25 @@ def restore_into(
     supervisor: sup.Supervisor,
     image: StepImage,
     deadline: Deadline,
+    lazy: bool = False,
 ) -> RestartResult:
-    """Restore image as a child of this process and hand it to supervisor, by deadline."""
+    """Restore image as a child of this process and hand it to supervisor, by deadline.
+
+    lazy: the tree runs before its private memory is in; a page server (engines.page_server)
+    brings it in from the stored images, on demand and in the background.
+    """
     prepare_files(image)
     criu = rt.criu()
     work = rt.work_dir(f"{image.step}-restore")
     began = time.monotonic()
     # A user's restore (node service) reads a verified copy in ccr's private scratch, never
-    # the user's own files, which could be swapped after the check (see ccr.identity).
+    # the user's own files, which could be swapped after the check (see ccr.identity): so
+    # it is never lazy (the page server reads the stored files while the job runs).
     packed = any(f.codec != "none" for f in image.manifest.files) or identity.served_user()
+    if lazy and identity.served_user():
+        note = f"ccr: note: {image.step} is restored eagerly (through the node service)"
+        print(note, file=sys.stderr)
+        lazy = False
     raw_dir = (
         scratch_dir(image.manifest.image_bytes, image.path.parent, "restore")
         if packed
@@ -252,13 +282,18 @@ def restore_into(
     unpacked = began
     overlay: Path | None = None
     undo_files: openfiles.Undo | None = None
+    keeper: page_server.Keeper | None = None
     try:
-        if packed:
+        if lazy:
+            marker = page_server.filling_marker(rt.state_dir, str(image.step))
+            keeper = _start_lazy(image, work, marker, raw_dir if packed else None)
+            lazy = keeper is not None
+        if packed and not lazy:
             # Decompression checks every file's digest and zstd checksum before CRIU
             # sees a byte: a corrupted image restores nothing.
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
                 decompress_dir(image.path, raw_dir, image.manifest.files, progress=update)
-            unpacked = time.monotonic()
+        unpacked = time.monotonic()
         overlay = correct_images(image, raw_dir, packed, work)
         if overlay is not None:
             raw_dir = overlay
@@ -275,26 +310,37 @@ def restore_into(
         # The restore lifts the network lock its dump left (a vacate's), so it uses that one
         # (a lock its dump already lifted is marked so in the image: correct_images).
         tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
+        if keeper is not None:
+            keeper.listen()
         with progress.task(f"restoring {image.step} (CRIU)", 0):
             options = criu_options(
                 "restore",
                 tcp_established=tcp,
                 network_lock=image.manifest.network_lock or None,
+                lazy_pages=lazy,
             )
             result = criu.restore(options, raw_dir, work, deadline=deadline)
-    except BaseException:
+    except BaseException as exc:
+        if keeper is not None:
+            keeper.abort()
         if undo_files is not None:
             undo_files()  # a failed restart leaves every file as it found it
+        if keeper is not None and keeper.failure is not None and isinstance(exc, CcrError):
+            # CRIU failed because serving did (the cause): say that
+            cls = IntegrityError if keeper.corrupt else CcrError
+            raise cls(f"lazy restore of {image.step} failed: {keeper.failure}") from None
         raise
     finally:
         if overlay is not None:
             discard(overlay)
         if packed:
-            discard(raw_dir)
+            discard(raw_dir)  # a lazy restore's sparse files: CRIU has read what it needs
     # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the
     # supervisor owns it kills it, so no half-restored step outlives this call.
     supervisor.adopt(result.pid)
     try:
+        if keeper is not None:
+            _serve_lazily(keeper, image, work, result.pid, began)
         if gpu.needs_gpu(image.manifest.gpu):
             # Without its GPU memory the job is not restored.
             gpu.restore_tree(image.manifest.gpu, process.tree_pids(result.pid), deadline=deadline)
@@ -318,6 +364,8 @@ def restore_into(
         supervisor.start_restored(result.pid, record)
     except BaseException:
         supervisor.rollback()
+        if keeper is not None:
+            keeper.abort()
         if undo_files is not None:
             undo_files()
         raise
@@ -328,7 +376,94 @@ def restore_into(
         image.path,
         time.monotonic() - began,
         unpacked - began,
+        lazy=keeper is not None,
+        fill_status=str(work / page_server.FILL_STATUS) if keeper is not None else None,
+        fill_marker=str(keeper.marker) if keeper is not None else None,
     )
+
+
+def _start_lazy(
+    image: StepImage, work: Path, marker: Path, raw_dir: Path | None
+) -> page_server.Keeper | None:
+    """Start the page server and prepare the image CRIU restores lazily; None: this
+    checkpoint cannot be restored lazily (said on stderr), restore it eagerly."""
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    page_server.clear_status(work, marker)
+    keeper = page_server.Keeper(work, marker)  # its interpreter starts while the image is prepared
+    try:
+        with progress.task(f"prepare lazy restore of {image.step}", 0):
+            plan = page_server.prepare(
+                image.path, image.manifest.files, raw_dir, image.manifest.frame_tables
+            )
+        plan.fill_rate = config.lazy_fill_rate()
+        keeper.send_plan(plan)
+    except page_server.NotLazy as exc:
+        keeper.abort()
+        print(f"ccr: note: {image.step} is restored eagerly: {exc}", file=sys.stderr)
+        if raw_dir is not None:
+            for item in raw_dir.iterdir():
+                item.unlink()
+        else:  # the pages files' digests were left to the server: checked now instead
+            verify_files(image.path, image.manifest)
+        return None
+    except BaseException:
+        keeper.abort()
+        raise
+    return keeper
+
+
+def _serve_lazily(
+    keeper: page_server.Keeper, image: StepImage, work: Path, root: int, began: float
+) -> None:
+    """The tree rooted at root runs on pages being filled: should serving fail, the job is
+    killed (before any uffd is let go) and the reason goes to its error output."""
+    m = image.manifest
+    errors = Path(m.error or m.output) if (m.error or m.output) else None
+
+    def failed(message: str) -> None:
+        # Said before the kill: the supervisor exits as soon as its tree is gone.
+        line = f"ccr: error: lazy restore of {image.step} failed, the job was killed: {message}"
+        code = IntegrityError.exit_code if keeper.corrupt else CcrError.exit_code
+        page_server.write_status(work, keeper.marker, {"ok": False, "error": line, "code": code})
+        print(line, file=sys.stderr, flush=True)
+        if errors is not None:
+            try:
+                with errors.open("a") as fh:
+                    fh.write(line + "\n")
+            except OSError:
+                pass
+        process.signal_process(root, signal.SIGKILL)  # its PID namespace's init: all of it
+
+    def done(stats: dict[str, Any]) -> None:
+        page_server.write_status(
+            work,
+            keeper.marker,
+            {"ok": True, "fill_time": stats["fill_done"] - began, "bytes": stats["bytes"]},
+        )
+
+    keeper.restored(root, failed, done)
+
+
+def wait_filled(results: list[RestartResult], timeout: float | None = None) -> None:
+    """Wait until the memory of every lazily restored step is in; set their fill_time.
+
+    Raises CcrError with the reason when serving failed (the job was killed)."""
+    for result in results:
+        if result.fill_status is None:
+            continue
+        marker = Path(result.fill_marker or "")
+        status = page_server.wait_status(Path(result.fill_status), marker, timeout)
+        if status is None:
+            raise CcrError(
+                f"the lazy restore of {result.step} ended without saying whether all of its "
+                "memory came in (its supervisor is gone): see `ccr status`"
+            )
+        if not status.get("ok"):
+            error = str(status.get("error")).removeprefix("ccr: error: ")
+            if status.get("code") == IntegrityError.exit_code:
+                raise IntegrityError(error)
+            raise CcrError(error)
+        result.fill_time = float(status["fill_time"])
 
 
 def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResult]:
@@ -338,7 +473,10 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
     with nothing_restored_if_interrupted():
         steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
         refuse_multi_node(steps, f"restart it through Slurm (ccr restart {ref.job_id})")
-        images = [as_step(load_image(rt, s.path, full=False), s.step, opts.rename) for s in steps]
+        images = [
+            as_step(load_image(rt, s.path, full=False, lazy=opts.lazy), s.step, opts.rename)
+            for s in steps
+        ]
     return restart_images(
         rt,
         images,
@@ -346,6 +484,7 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
         opts.stick_to_nodes,
         Deadline.after(opts.max_wait),
         opts.tcp_established,
+        opts.lazy,
     )
 
 
@@ -377,7 +516,7 @@ def ref_of_path(path: Path) -> JobRef:
     return JobRef(job, steps[0].step.step_id if len(steps) == 1 else None)
 
 
-def images_at(rt: Runtime, path: Path) -> list[StepImage]:
+def images_at(rt: Runtime, path: Path, lazy: bool = False) -> list[StepImage]:
     """The verified step checkpoints a path names (link, generation or step dir), under the
     ids their manifests carry (like `dmtcp_restart FILE`)."""
     opened = layout.open_path(path, rt.manifest_key(create=False))
@@ -386,13 +525,13 @@ def images_at(rt: Runtime, path: Path) -> list[StepImage]:
         refuse_multi_node(
             opened.steps, f"restart it by job id (ccr restart {job} --image-dir {where})"
         )
-    return [load_image(rt, d, full=False) for d in opened.dirs()]
+    return [load_image(rt, d, full=False, lazy=lazy) for d in opened.dirs()]
 
 
 def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
     with nothing_restored_if_interrupted():
-        images = images_at(rt, path)
+        images = images_at(rt, path, opts.lazy)
     return restart_images(
         rt,
         images,
@@ -400,6 +539,7 @@ def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartR
         opts.stick_to_nodes,
         Deadline.after(opts.max_wait),
         opts.tcp_established,
+        opts.lazy,
     )
 
 
@@ -423,6 +563,7 @@ def restart_images(
     stick_to_nodes: bool,
     deadline: Deadline,
     tcp_established: bool = False,
+    lazy: bool = False,
 ) -> list[RestartResult]:
     """Restore each verified image under a supervisor of its own, all by deadline."""
     if not images:
@@ -437,7 +578,7 @@ def restart_images(
             settings.tcp_established = settings.tcp_established or tcp_established
             message = sup.spawn_background(
                 str(image.step),
-                functools.partial(_restore_and_supervise, rt, image, settings, deadline),
+                functools.partial(_restore_and_supervise, rt, image, settings, deadline, lazy),
             )
             results.append(
                 RestartResult(
@@ -447,6 +588,9 @@ def restart_images(
                     image.path,
                     float(message["restore_time"]),
                     float(message.get("unpack_time", 0.0)),
+                    lazy=bool(message.get("lazy")),
+                    fill_status=message.get("fill_status"),
+                    fill_marker=message.get("fill_marker"),
                 )
             )
     except interrupts.Interrupted as exc:
@@ -503,12 +647,21 @@ def _restore_and_supervise(
     image: StepImage,
     settings: sup.SupervisorSettings,
     deadline: Deadline,
+    lazy: bool,
     report: sup.Report,
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
-    result = restore_into(rt, supervisor, image, deadline)
+    result = restore_into(rt, supervisor, image, deadline, lazy)
     try:
-        report({"ok": True, **result.to_dict()})
+        report(
+            {
+                "ok": True,
+                **result.to_dict(),
+                # (for the caller to wait on the fill: not part of `ccr restart --json`)
+                "fill_status": result.fill_status,
+                "fill_marker": result.fill_marker,
+            }
+        )
     except BaseException:  # the caller abandoned the restore before hearing of it
         supervisor.rollback()
         raise
