@@ -30,6 +30,7 @@ restores those before the tree runs.
 from __future__ import annotations
 
 import array
+import bisect
 import ctypes
 import errno
 import json
@@ -196,11 +197,26 @@ def task_pages(images: Path) -> list[TaskPages]:
 
 
 def _split_at_vmas(task: TaskPages, vaddr: int, size: int, offset: int) -> None:
-    # UFFDIO_COPY stays inside one VMA (criu/uffd.c collect_iovs splits alike).
+    # UFFDIO_COPY stays inside one VMA (criu/uffd.c collect_iovs splits alike).  CRIU cuts
+    # its pagemap into entries of at most 1 MiB: runs that continue the last segment in
+    # memory, in the file and in the same VMA extend it (4 GiB: 4096 entries, a few runs).
     end = vaddr + size
-    for start, stop in task.vmas:
+    first = max(0, bisect.bisect_right(task.vmas, (vaddr, 1 << 64)) - 1)
+    for start, stop in task.vmas[first:]:
+        if start >= end:
+            break
         lo, hi = max(vaddr, start), min(end, stop)
-        if lo < hi:
+        if lo >= hi:
+            continue
+        last = task.segments[-1] if task.segments else None
+        if (
+            last is not None
+            and last.vaddr + last.size == lo
+            and last.offset + last.size == offset + lo - vaddr
+            and lo > start  # (not across a VMA boundary)
+        ):
+            last.size += hi - lo
+        else:
             task.segments.append(Segment(lo, hi - lo, offset + lo - vaddr))
 
 
