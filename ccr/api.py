@@ -148,10 +148,14 @@ def restart(
     rename: bool = False,
     tcp_established: bool = False,
     new_job: bool = False,
+    lazy: bool | None = None,
 ) -> list[rst.RestartResult] | SlurmRestart:
     """Restore a job or step from its newest checkpoint, or the checkpoint at a path
     (`ccr restart`): the restored steps; a multi-node checkpoint is handed to Slurm, which
-    restores it (requeued, or submitted as a new job with new_job): what Slurm was asked."""
+    restores it (requeued, or submitted as a new job with new_job): what Slurm was asked.
+
+    lazy (None: CCR_RESTART_LAZY): the steps run before their memory is in (`--lazy`);
+    this returns once it is all in, fill_time set."""
     served = _options(
         image_dir=image_dir,
         stick_to_nodes=stick_to_nodes,
@@ -159,7 +163,7 @@ def restart(
         rename=rename,
         tcp_established=tcp_established,
         new_job=new_job,
-    )
+    ) + ([] if lazy is None else ["--lazy" if lazy else "--eager"])
     data = _served("restart", *served, str(ref))
     if data is not None:
         if data["mode"] in ("requeued", "submitted"):
@@ -183,8 +187,10 @@ def restart(
         rename=rename,
         tcp_established=tcp_established or config.tcp_established_default(),
         new_job=new_job,
+        lazy=config.restart_lazy_default() if lazy is None else lazy,
     )
     done = dispatch.restart(Runtime.from_env(), ref, opts)
+    rst.wait_filled(done.steps)
     return done.slurm if done.slurm is not None else done.steps
 
 

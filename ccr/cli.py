@@ -455,6 +455,7 @@ def _restart(
     new_job: bool = False,
     rename: bool = False,
     tcp_established: bool = False,
+    lazy: Optional[bool] = None,
 ) -> None:
     if check:
         path = rst.checkpoint_path(target)
@@ -473,8 +474,17 @@ def _restart(
         rename=rename,
         tcp_established=_tcp(tcp_established),
         new_job=new_job,
+        lazy=config.restart_lazy_default() if lazy is None else lazy,
     )
     done = _showing_progress(lambda: dispatch.restart(Runtime.from_env(), target, opts))
+    if any(r.lazy for r in done.steps):
+        # The steps run; the command returns once their memory is all in (or says why not).
+        if not as_json:
+            print(done.describe(), flush=True)
+        rst.wait_filled(done.steps)
+        lines = [f"{r.step}: memory filled in {r.fill_time:.2f}s" for r in done.steps if r.lazy]
+        _emit(done.to_dict(), as_json, "\n".join(lines))
+        return
     _emit(done.to_dict(), as_json, done.describe())
 
 
@@ -507,6 +517,12 @@ def restart(
         help="Restore a checkpoint whose manifest names another job (a renamed copy) as JOBID.",
     ),
     tcp_established: bool = typer.Option(False, "--tcp-established", help=TCP_HELP),
+    lazy: Optional[bool] = typer.Option(
+        None,
+        "--lazy/--eager",
+        help="Lazy: the job runs at once, its memory brought in on demand and in the "
+        "background (env CCR_RESTART_LAZY=1 makes it the default).",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Restore a job or step from its newest checkpoint (scontrol checkpoint restart), or the
@@ -515,7 +531,16 @@ def restart(
     Example: ccr restart 42 --image-dir /scratch/ckpt    or    ccr restart /scratch/ckpt/42.ckpt
     """
     _restart(
-        ref, image_dir, stick_to_nodes, max_wait, as_json, check, new_job, rename, tcp_established
+        ref,
+        image_dir,
+        stick_to_nodes,
+        max_wait,
+        as_json,
+        check,
+        new_job,
+        rename,
+        tcp_established,
+        lazy,
     )
 
 

@@ -167,6 +167,19 @@ def service_socket() -> str:
     return os.environ.get("CCR_SOCKET", "")
 
 
+def restart_lazy_default() -> bool:
+    """`CCR_RESTART_LAZY=1`: `ccr restart` restores lazily (as --lazy) unless --eager."""
+    return os.environ.get("CCR_RESTART_LAZY", "") not in ("", "0", "no", "false")
+
+
+def lazy_fill_rate() -> int:
+    """`CCR_LAZY_FILL_RATE` (bytes a second, e.g. 200M; unset: as fast as it goes): how fast
+    a lazy restart's background fill may copy, to leave the node's I/O and memory bandwidth
+    to the restored job.  Faults are always served at once."""
+    rate = os.environ.get("CCR_LAZY_FILL_RATE")
+    return parse_size(rate, "CCR_LAZY_FILL_RATE") if rate else 0
+
+
 def restore_streamed() -> bool:
     """Restores stream the images to CRIU (engines.imagestream) unless CCR_RESTORE_STREAM=0,
     which restores from a decoded scratch copy over RPC as ccr did before (kept for

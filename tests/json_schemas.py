@@ -93,6 +93,7 @@ RESTARTED = obj(
         "fill_time": {"type": ["number", "null"], "minimum": 0},
         "peak_extra_bytes": COUNT,
         "streamed": {"type": "boolean"},
+        "lazy": {"type": "boolean"},
     }
 )
 RESTART = obj(

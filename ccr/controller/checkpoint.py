@@ -10,12 +10,12 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ccr import config, identity, interrupts, progress
 from ccr.controller.runtime import Runtime
 from ccr.deadline import Deadline
-from ccr.engines import gpu, openfiles, process
+from ccr.engines import gpu, openfiles, page_server, process
 from ccr.engines.compression import Codec, compress_dir, parse_codec
 from ccr.engines.criu import Criu, criu_options
 from ccr.engines.taskcreds import refuse_foreign_tasks
@@ -372,6 +372,10 @@ def _dump_step(
 ) -> StepManifest:
     assert step.init_pid is not None
     began = time.monotonic()
+    # A step restored lazily dumps only once all its memory is in: a page still missing
+    # would be dumped as a hole (read back as zeros).  The fill runs at full speed anyway.
+    marker = page_server.filling_marker(rt.state_dir, str(step.id))
+    page_server.wait_until_filled(marker, deadline, f"checkpoint of step {step.id}")
     # CUDA processes first hand their device memory to host memory (the driver's checkpoint
     # API), so CRIU sees plain processes; MaxWait covers the whole sequence.
     seq = gpu.GpuSequence(deadline=deadline)
@@ -399,6 +403,7 @@ def _dump_step(
     # for a leave-running checkpoint as for a vacate.  Listing them before the dump would
     # race the tree's writes; after it, a running tree has moved on.
     files = openfiles.Collector(step.init_pid, raw_dir, file_max, files_total)
+    frames: dict[str, dict[str, Any]] = {}
     try:
         seq.checkpoint(pids)
         with progress.watch_directory(f"dump {step.id}", raw_dir, estimate):
@@ -424,7 +429,9 @@ def _dump_step(
         if staged:
             raw_total = sum(p.stat().st_size for p in raw_dir.iterdir() if p.is_file())
             with progress.task(f"compress {step.id}", raw_total) as update:
-                entries = compress_dir(raw_dir, step_dir, opts.codec, progress=update)
+                entries = compress_dir(
+                    raw_dir, step_dir, opts.codec, progress=update, frames=frames
+                )
     except OSError as exc:
         raise storage_error(step_dir, exc, "dumping into") from None
     except StorageError as exc:
@@ -479,6 +486,7 @@ def _dump_step(
         network_lock=lock or "",
         world=process.step_world(step.init_pid),
         written_files=files.files,
+        frame_tables=frames,
     )
     try:
         for path in step_dir.iterdir():

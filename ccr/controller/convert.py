@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ccr import progress
 from ccr.controller.restart import load_image
@@ -63,16 +64,18 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
                 if packed:
                     with progress.task(f"decompress {image.step}", total) as update:
                         decompress_dir(src, raw, image.manifest.files, progress=update)
+                frames: dict[str, dict[str, Any]] = {}
                 with progress.task(f"store {image.step} as {codec.spec}", total) as update:
                     entries = (
-                        compress_dir(raw, dst, codec, update)
+                        compress_dir(raw, dst, codec, update, frames)
                         if packed
-                        else _store(src, dst, codec, update)
+                        else _store(src, dst, codec, update, frames)
                     )
             finally:
                 if packed:
                     discard(raw)
             image.manifest.files = entries
+            image.manifest.frame_tables = frames
             image.manifest.compression = codec.spec
             write_signed(dst / MANIFEST, image.manifest.to_dict(), key)
         if (generation / JOB_MANIFEST).exists():
@@ -90,7 +93,9 @@ def convert(rt: Runtime, checkpoint: Path, codec: Codec) -> Path:
     return generation
 
 
-def _store(src: Path, dst: Path, codec: Codec, update: Progress) -> list[FileEntry]:
+def _store(
+    src: Path, dst: Path, codec: Codec, update: Progress, frames: dict[str, dict[str, Any]]
+) -> list[FileEntry]:
     """compress_dir over an uncompressed step dir, leaving its manifest out (hard links)."""
     scratch = dst.parent / f".{dst.name}.links-{secrets.token_hex(4)}"
     scratch.mkdir(mode=0o700)
@@ -98,6 +103,6 @@ def _store(src: Path, dst: Path, codec: Codec, update: Progress) -> list[FileEnt
         for path in src.iterdir():
             if path.is_file() and path.name != MANIFEST:
                 os.link(path, scratch / path.name)
-        return compress_dir(scratch, dst, codec, update)
+        return compress_dir(scratch, dst, codec, update, frames)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

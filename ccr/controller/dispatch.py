@@ -55,6 +55,7 @@ class Restarted:
             return self.slurm.describe()
         return "\n".join(
             f"{r.step} restarted from {r.checkpoint} (pid {r.pid}, {r.restore_time:.2f}s"
+            + (", lazily" if r.lazy else "")
             + (f", of which unpacking {r.unpack_time:.2f}s)" if r.unpack_time else ")")
             for r in self.steps
         )

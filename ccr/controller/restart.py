@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +20,11 @@ from ccr.controller import supervisor as sup
 from ccr.controller.runtime import Runtime
 from ccr.deadline import Deadline
 from ccr.engines import criu as criu_engine
-from ccr.engines import gpu, image_fixes, imagestream, openfiles, process
+from ccr.engines import gpu, image_fixes, imagestream, openfiles, page_server, process
 from ccr.engines.compression import SUFFIX, decompress_dir
 from ccr.engines.criu import criu_options
 from ccr.errors import (
+    CcrError,
     IntegrityError,
     JobStateError,
     NotFoundError,
@@ -79,6 +82,13 @@ class RestartResult:
     # The most memory the restore used beyond the restored tree's own (see ExtraMemory).
     peak_extra_bytes: int = 0
     streamed: bool = False
+    # A lazy restore (--lazy): the tree ran after resume_time, its memory was all in
+    # fill_time after the start (None until known); fill_status is the file that says so
+    # (page_server.FILL_STATUS in the restore's work dir), fill_marker the one that stands
+    # for the fill while it runs.
+    lazy: bool = False
+    fill_status: str | None = None
+    fill_marker: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +107,7 @@ class RestartResult:
             "fill_time": None if self.fill_time is None else round(self.fill_time, 4),
             "peak_extra_bytes": self.peak_extra_bytes,
             "streamed": self.streamed,
+            "lazy": self.lazy,
         }
 
     @classmethod
@@ -116,6 +127,9 @@ class RestartResult:
             None if fill is None else float(fill),
             int(message.get("peak_extra_bytes", 0)),
             bool(message.get("streamed", False)),
+            lazy=bool(message.get("lazy")),
+            fill_status=message.get("fill_status"),
+            fill_marker=message.get("fill_marker"),
         )
 
 
@@ -133,6 +147,8 @@ class RestartOptions:
     # step (as CCR_TCP_ESTABLISHED=1 does).
     tcp_established: bool = False
     new_job: bool = False  # a multi-node checkpoint: submit a new job, never requeue
+    # The tree runs before its memory is in (restore_into); CCR_RESTART_LAZY=1 by default.
+    lazy: bool = False
 
 
 def refuse_multi_node(steps: list[layout.StepCheckpoint], how: str) -> None:
@@ -146,15 +162,17 @@ def refuse_multi_node(steps: list[layout.StepCheckpoint], how: str) -> None:
         )
 
 
-def load_image(rt: Runtime, path: Path, full: bool = True) -> StepImage:
+def load_image(rt: Runtime, path: Path, full: bool = True, lazy: bool = False) -> StepImage:
     """Authenticate the manifest and check every file; raise naming what is wrong.
 
-    full=False checks only sizes: the restore that follows (restore_into) checks every
-    digest in the pass that reads the files for CRIU.
+    full=False checks only sizes of what the restore reads for CRIU (restore_into checks
+    every digest in the pass that reads the files for CRIU); lazy leaves the pages files'
+    digests to the page server (page_server.deferred) and checks the other files here.
     """
     key = rt.manifest_key(create=False)
     manifest = load_step_manifest(path, key)
-    verify_files(path, manifest, hash_packed=full, hash_raw=full)
+    later = page_server.deferred if lazy and not identity.served_user() else None
+    verify_files(path, manifest, hash_packed=full, hash_raw=full or lazy, later=later)
     generation = layout.generation_of(path)
     if generation != path:  # a step (or rank) of a whole-job or multi-node checkpoint
         JobManifest.from_dict(read_verified(generation / JOB_MANIFEST, key))
@@ -286,12 +304,17 @@ def restore_into(
     supervisor: sup.Supervisor,
     image: StepImage,
     deadline: Deadline,
+    lazy: bool = False,
 ) -> RestartResult:
     """Restore image as a child of this process and hand it to supervisor, by deadline.
 
     By default CRIU reads the pages through ccr (engines.imagestream): decoded and checked
     frame by frame in one pass, no copy of the image anywhere.  CCR_RESTORE_STREAM=0
     decodes (and checks) everything into scratch space first, then restores over RPC.
+
+    lazy: the tree runs before its private memory is in; a page server (engines.page_server)
+    brings it in from the stored images, on demand and in the background (never streamed:
+    a lazy restore that cannot be lazy falls back to the scratch copy).
     """
     prepare_files(image)
     criu = rt.criu()
@@ -306,10 +329,17 @@ def restore_into(
         bulk = []
     rest = [f for f in files if f not in bulk]
     # A user's restore (node service) reads a verified copy in ccr's private scratch, never
-    # the user's own files, which could be swapped after the check (see ccr.identity).
+    # the user's own files, which could be swapped after the check (see ccr.identity): so
+    # it is never lazy (the page server reads the stored files while the job runs).
     # Streamed files are safe from that too: CRIU gets the very bytes that were checked
     # (ccr's own buffers, read once, as the user).
     packed = any(f.codec != "none" for f in files) or identity.served_user()
+    if lazy and identity.served_user():
+        note = f"ccr: note: {image.step} is restored eagerly (through the node service)"
+        print(note, file=sys.stderr)
+        lazy = False
+    if lazy:
+        streamed, bulk, rest = False, [], list(files)
     memory = imagestream.ExtraMemory()
     # ccr's own copy: the metadata when streaming, every file of a compressed image when not.
     copy = streamed or packed
@@ -321,12 +351,19 @@ def restore_into(
     unpack_time = verify_time = criu_time = 0.0
     overlay: Path | None = None
     undo_files: openfiles.Undo | None = None
+    keeper: page_server.Keeper | None = None
     # Nothing between making the scratch dir and this try: an interrupt there would leak it.
     try:
         if copy:
             memory.watch(raw_dir)
         unpack_began = time.monotonic()
-        if copy:
+        fell_back = False
+        if lazy:
+            marker = page_server.filling_marker(rt.state_dir, str(image.step))
+            keeper = _start_lazy(image, work, marker, raw_dir if packed else None)
+            lazy = keeper is not None
+            fell_back = not lazy
+        if copy and not lazy:
             # Every file's digest (and zstd checksum) is checked as it is decoded: a
             # corrupted image restores nothing.
             with progress.task(f"decompress {image.step}", image.manifest.image_bytes) as update:
@@ -337,7 +374,7 @@ def restore_into(
 
                 decompress_dir(image.path, raw_dir, rest, progress=unpacked)
             unpack_time = time.monotonic() - unpack_began
-        else:
+        elif not copy and not lazy and not fell_back:  # (a fallback has checked them)
             verify_files(image.path, image.manifest)  # the one read before CRIU's
             verify_time = time.monotonic() - unpack_began
         overlay = correct_images(image, raw_dir, copy, work)
@@ -356,6 +393,8 @@ def restore_into(
         # The restore lifts the network lock its dump left (a vacate's), so it uses that one
         # (a lock its dump already lifted is marked so in the image: correct_images).
         tcp = image.manifest.tcp_established or supervisor.settings.tcp_established
+        if keeper is not None:
+            keeper.listen()
         with progress.task(f"restoring {image.step} (CRIU)", 0):
             criu_began = time.monotonic()
             if streamed:
@@ -367,24 +406,33 @@ def restore_into(
                     "restore",
                     tcp_established=tcp,
                     network_lock=image.manifest.network_lock or None,
+                    lazy_pages=lazy,
                 )
                 pid = criu.restore(options, raw_dir, work, deadline=deadline).pid
-                # The tree's memory is now in; a scratch copy still is too.
-                memory.sample(image.manifest.image_bytes)
+                if not lazy:  # the tree's memory is now in; a scratch copy still is too
+                    memory.sample(image.manifest.image_bytes)
             criu_time = time.monotonic() - criu_began
-    except BaseException:
+    except BaseException as exc:
+        if keeper is not None:
+            keeper.abort()
         if undo_files is not None:
             undo_files()  # a failed restart leaves every file as it found it
+        if keeper is not None and keeper.failure is not None and isinstance(exc, CcrError):
+            # CRIU failed because serving did (the cause): say that
+            cls = IntegrityError if keeper.corrupt else CcrError
+            raise cls(f"lazy restore of {image.step} failed: {keeper.failure}") from None
         raise
     finally:
         if overlay is not None:
             discard(overlay)
         if copy:
-            discard(raw_dir)
+            discard(raw_dir)  # a lazy restore's sparse files: CRIU has read what it needs
     # From here the tree exists: anything that fails or interrupts (Ctrl-C) before the
     # supervisor owns it kills it, so no half-restored step outlives this call.
     supervisor.adopt(pid)
     try:
+        if keeper is not None:
+            _serve_lazily(keeper, image, work, pid, began)
         if gpu.needs_gpu(image.manifest.gpu):
             # Without its GPU memory the job is not restored.
             gpu.restore_tree(image.manifest.gpu, process.tree_pids(pid), deadline=deadline)
@@ -409,6 +457,8 @@ def restore_into(
         supervisor.start_restored(pid, record)
     except BaseException:
         supervisor.rollback()
+        if keeper is not None:
+            keeper.abort()
         if undo_files is not None:
             undo_files()
         raise
@@ -424,6 +474,9 @@ def restore_into(
         resume_time=resumed,
         peak_extra_bytes=memory.peak,
         streamed=streamed,
+        lazy=keeper is not None,
+        fill_status=str(work / page_server.FILL_STATUS) if keeper is not None else None,
+        fill_marker=str(keeper.marker) if keeper is not None else None,
     )
 
 
@@ -465,6 +518,90 @@ def _restore_streamed(
     return done.pid, done.stats.gate_wait
 
 
+def _start_lazy(
+    image: StepImage, work: Path, marker: Path, raw_dir: Path | None
+) -> page_server.Keeper | None:
+    """Start the page server and prepare the image CRIU restores lazily; None: this
+    checkpoint cannot be restored lazily (said on stderr), restore it eagerly."""
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    page_server.clear_status(work, marker)
+    keeper = page_server.Keeper(work, marker)  # its interpreter starts while the image is prepared
+    try:
+        with progress.task(f"prepare lazy restore of {image.step}", 0):
+            plan = page_server.prepare(
+                image.path, image.manifest.files, raw_dir, image.manifest.frame_tables
+            )
+        plan.fill_rate = config.lazy_fill_rate()
+        keeper.send_plan(plan)
+    except page_server.NotLazy as exc:
+        keeper.abort()
+        print(f"ccr: note: {image.step} is restored eagerly: {exc}", file=sys.stderr)
+        if raw_dir is not None:
+            for item in raw_dir.iterdir():
+                item.unlink()
+        else:  # the pages files' digests were left to the server: checked now instead
+            verify_files(image.path, image.manifest)
+        return None
+    except BaseException:
+        keeper.abort()
+        raise
+    return keeper
+
+
+def _serve_lazily(
+    keeper: page_server.Keeper, image: StepImage, work: Path, root: int, began: float
+) -> None:
+    """The tree rooted at root runs on pages being filled: should serving fail, the job is
+    killed (before any uffd is let go) and the reason goes to its error output."""
+    m = image.manifest
+    errors = Path(m.error or m.output) if (m.error or m.output) else None
+
+    def failed(message: str) -> None:
+        # Said before the kill: the supervisor exits as soon as its tree is gone.
+        line = f"ccr: error: lazy restore of {image.step} failed, the job was killed: {message}"
+        code = IntegrityError.exit_code if keeper.corrupt else CcrError.exit_code
+        page_server.write_status(work, keeper.marker, {"ok": False, "error": line, "code": code})
+        print(line, file=sys.stderr, flush=True)
+        if errors is not None:
+            try:
+                with errors.open("a") as fh:
+                    fh.write(line + "\n")
+            except OSError:
+                pass
+        process.signal_process(root, signal.SIGKILL)  # its PID namespace's init: all of it
+
+    def done(stats: dict[str, Any]) -> None:
+        page_server.write_status(
+            work,
+            keeper.marker,
+            {"ok": True, "fill_time": stats["fill_done"] - began, "bytes": stats["bytes"]},
+        )
+
+    keeper.restored(root, failed, done)
+
+
+def wait_filled(results: list[RestartResult], timeout: float | None = None) -> None:
+    """Wait until the memory of every lazily restored step is in; set their fill_time.
+
+    Raises CcrError with the reason when serving failed (the job was killed)."""
+    for result in results:
+        if result.fill_status is None:
+            continue
+        marker = Path(result.fill_marker or "")
+        status = page_server.wait_status(Path(result.fill_status), marker, timeout)
+        if status is None:
+            raise CcrError(
+                f"the lazy restore of {result.step} ended without saying whether all of its "
+                "memory came in (its supervisor is gone): see `ccr status`"
+            )
+        if not status.get("ok"):
+            error = str(status.get("error")).removeprefix("ccr: error: ")
+            if status.get("code") == IntegrityError.exit_code:
+                raise IntegrityError(error)
+            raise CcrError(error)
+        result.fill_time = float(status["fill_time"])
+
+
 def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResult]:
     """Restore every step that ref names from its newest checkpoint, each under a supervisor
     (a multi-node one is refused: controller.dispatch hands it to Slurm)."""
@@ -472,7 +609,10 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
     with nothing_restored_if_interrupted():
         steps = layout.newest(image_dir, ref, rt.manifest_key(create=False))
         refuse_multi_node(steps, f"restart it through Slurm (ccr restart {ref.job_id})")
-        images = [as_step(load_image(rt, s.path, full=False), s.step, opts.rename) for s in steps]
+        images = [
+            as_step(load_image(rt, s.path, full=False, lazy=opts.lazy), s.step, opts.rename)
+            for s in steps
+        ]
     return restart_images(
         rt,
         images,
@@ -480,6 +620,7 @@ def restart(rt: Runtime, ref: JobRef, opts: RestartOptions) -> list[RestartResul
         opts.stick_to_nodes,
         Deadline.after(opts.max_wait),
         opts.tcp_established,
+        opts.lazy,
     )
 
 
@@ -511,7 +652,7 @@ def ref_of_path(path: Path) -> JobRef:
     return JobRef(job, steps[0].step.step_id if len(steps) == 1 else None)
 
 
-def images_at(rt: Runtime, path: Path) -> list[StepImage]:
+def images_at(rt: Runtime, path: Path, lazy: bool = False) -> list[StepImage]:
     """The verified step checkpoints a path names (link, generation or step dir), under the
     ids their manifests carry (like `dmtcp_restart FILE`)."""
     opened = layout.open_path(path, rt.manifest_key(create=False))
@@ -520,13 +661,13 @@ def images_at(rt: Runtime, path: Path) -> list[StepImage]:
         refuse_multi_node(
             opened.steps, f"restart it by job id (ccr restart {job} --image-dir {where})"
         )
-    return [load_image(rt, d, full=False) for d in opened.dirs()]
+    return [load_image(rt, d, full=False, lazy=lazy) for d in opened.dirs()]
 
 
 def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartResult]:
     """Restore the checkpoint at path (a `.ckpt` link, a generation or a step dir in one)."""
     with nothing_restored_if_interrupted():
-        images = images_at(rt, path)
+        images = images_at(rt, path, opts.lazy)
     return restart_images(
         rt,
         images,
@@ -534,6 +675,7 @@ def restart_path(rt: Runtime, path: Path, opts: RestartOptions) -> list[RestartR
         opts.stick_to_nodes,
         Deadline.after(opts.max_wait),
         opts.tcp_established,
+        opts.lazy,
     )
 
 
@@ -557,6 +699,7 @@ def restart_images(
     stick_to_nodes: bool,
     deadline: Deadline,
     tcp_established: bool = False,
+    lazy: bool = False,
 ) -> list[RestartResult]:
     """Restore each verified image under a supervisor of its own, all by deadline."""
     if not images:
@@ -571,7 +714,7 @@ def restart_images(
             settings.tcp_established = settings.tcp_established or tcp_established
             message = sup.spawn_background(
                 str(image.step),
-                functools.partial(_restore_and_supervise, rt, image, settings, deadline),
+                functools.partial(_restore_and_supervise, rt, image, settings, deadline, lazy),
             )
             results.append(RestartResult.from_message(message, image.step, image.path))
     except interrupts.Interrupted as exc:
@@ -628,12 +771,21 @@ def _restore_and_supervise(
     image: StepImage,
     settings: sup.SupervisorSettings,
     deadline: Deadline,
+    lazy: bool,
     report: sup.Report,
 ) -> int:
     supervisor = sup.Supervisor(rt, image.step, settings)
-    result = restore_into(rt, supervisor, image, deadline)
+    result = restore_into(rt, supervisor, image, deadline, lazy)
     try:
-        report({"ok": True, **result.to_dict()})
+        report(
+            {
+                "ok": True,
+                **result.to_dict(),
+                # (for the caller to wait on the fill: not part of `ccr restart --json`)
+                "fill_status": result.fill_status,
+                "fill_marker": result.fill_marker,
+            }
+        )
     except BaseException:  # the caller abandoned the restore before hearing of it
         supervisor.rollback()
         raise

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
@@ -110,7 +110,11 @@ def decompress_file(src: Path, dst: Path) -> int:
 
 
 def compress_dir(
-    src_dir: Path, dst_dir: Path, codec: Codec, progress: Progress | None = None
+    src_dir: Path,
+    dst_dir: Path,
+    codec: Codec,
+    progress: Progress | None = None,
+    frames: dict[str, dict[str, Any]] | None = None,
 ) -> list[FileEntry]:
     """Store every regular file of src_dir in dst_dir (created 0700 if missing) with codec.
 
@@ -118,7 +122,9 @@ def compress_dir(
     copied unchanged with codec "none".  Every file is 0600 and fsync'd, and so is dst_dir.
     progress, if given, gets the raw bytes done so far (cumulative over the directory).
     Returns the entries sorted by source name; sizes and digests are those of the stored
-    bytes, raw_size that of the original.
+    bytes, raw_size that of the original.  frames, if given, gets each compressed file's
+    frame table: {"raw": FRAME_SIZE, "stored": [length of each frame]} (what lets a lazy
+    restart find any frame without reading the file: StepManifest.frame_tables).
     """
     if codec.name not in ("zstd", "none"):
         raise UsageError(f"unknown codec {codec.name!r}")
@@ -141,18 +147,21 @@ def compress_dir(
             raise StorageError(f"cannot store both {name} and {path.name} in {dst_dir}")
         taken.add(name)
         if packed:
+            lengths: list[int] = []
             with _frame_buffers_reused():
-                raw_size, size, digest, frames = _compress(
-                    path, dst_dir / name, codec.level, report
+                raw_size, size, digest, digests = _compress(
+                    path, dst_dir / name, codec.level, report, lengths
                 )
             entries.append(
-                FileEntry(name, size, digest, raw_size=raw_size, codec="zstd", frames=frames)
+                FileEntry(name, size, digest, raw_size=raw_size, codec="zstd", frames=digests)
             )
+            if frames is not None:
+                frames[name] = {"raw": FRAME_SIZE, "stored": lengths}
         else:
-            frames = []
-            size, digest = _copy(path, dst_dir / name, None, report, frames)
+            pieces: list[str] = []
+            size, digest = _copy(path, dst_dir / name, None, report, pieces)
             entries.append(
-                FileEntry(name, size, digest, raw_size=size, frames=frames, frame_bytes=FRAME_BYTES)
+                FileEntry(name, size, digest, raw_size=size, frames=pieces, frame_bytes=FRAME_BYTES)
             )
     _fsync_dir(dst_dir)
     return entries
@@ -429,10 +438,14 @@ def _read_zstd(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes | mem
 
 
 def _compress(
-    src: Path, dst: Path, level: int, report: Progress | None
+    src: Path,
+    dst: Path,
+    level: int,
+    report: Progress | None,
+    lengths: list[int] | None = None,
 ) -> tuple[int, int, str, list[str]]:
     """(raw size, compressed size, digest of the compressed bytes, digest of each frame) of
-    src compressed to dst.
+    src compressed to dst; lengths, if given, gets the length of each frame.
 
     This thread reads FRAME_SIZE pieces and writes (and hashes) their frames in order; the
     workers compress a piece each and digest its frame, at most WORKERS + 1 pieces being in
@@ -479,6 +492,8 @@ def _compress(
                                 frame, frame_digest = future.result()
                                 sink.write(frame)
                                 frames.append(frame_digest)
+                                if lengths is not None:
+                                    lengths.append(len(frame))
                                 spare.append(done)
                                 if report is not None and n:
                                     report(n)

@@ -133,6 +133,10 @@ class CriuOptions:
     # dump: a user's dump run as that user (node service, root without CAP_SYS_RESOURCE:
     # see identity.criu_child_ids), which CRIU refuses without this option.
     unprivileged: bool = False
+    # restore: the tree's private anonymous memory is left out, each task's uffd handed to
+    # the listener on the work dir's lazy-pages.socket (engines.page_server.Keeper), which
+    # must be listening before the restore starts.
+    lazy_pages: bool = False
 
     def rpc_fields(self, images_fd: int, work_fd: int) -> dict[str, int | bool | str]:
         """The fields of CRIU's criu_opts these options set (rpc.proto names), on
@@ -161,6 +165,8 @@ class CriuOptions:
             fields["rst_sibling"] = True
         if self.unprivileged:
             fields["unprivileged"] = True
+        if self.lazy_pages:
+            fields["lazy_pages"] = True
         return fields
 
     def command_line(self) -> list[str]:
@@ -202,12 +208,14 @@ def criu_options(
     tcp_established: bool = False,
     network_lock: str | None = None,
     notify: bool = False,
+    lazy_pages: bool = False,
 ) -> CriuOptions:
     """The one place ccr's settings become CRIU options, for a dump or a restore.
 
     final_state (dump): what the tree does after a successful dump, one of FINAL_STATES:
     "running" (go on), "stopped" (SIGSTOP'd, for a caller that kills it only once the
-    image is safe) or "killed".  notify: CRIU's notifications go to a hook.
+    image is safe) or "killed".  notify: CRIU's notifications go to a hook.  lazy_pages
+    (restore): see CriuOptions.
     """
     if action not in ("dump", "restore"):
         raise ValueError(action)
@@ -222,6 +230,7 @@ def criu_options(
             rst_sibling=True,
             notify_scripts=notify,
             log_file="restore.log",
+            lazy_pages=lazy_pages,
         )
     if final_state not in FINAL_STATES or pid is None:
         raise ValueError(f"dump of pid {pid} to {final_state}")

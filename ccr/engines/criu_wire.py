@@ -32,6 +32,7 @@ OPTS_FIELDS: dict[str, int] = {
     "rst_sibling": 26,
     "auto_ext_mnt": 28,
     "ghost_limit": 35,
+    "lazy_pages": 48,
     "network_lock": 64,  # criu_network_lock_method: IPTABLES 1, NFTABLES 2, SKIP 3
     "unprivileged": 67,
     "leave_stopped": 69,
