@@ -511,7 +511,9 @@ class _Source:
         from ccr.storage.hashing import new_hash
 
         digest = new_hash(self.served.algorithm)
-        digest.update(cast(bytes, memoryview(data)))  # (any buffer: no copy)
+        # As unsigned bytes: BLAKE3 refuses a ctypes char array's format ("<c"), which is
+        # what an uncompressed file's mapped piece is (format-4 manifests digest those).
+        digest.update(cast(bytes, memoryview(data).cast("B")))  # (no copy)
         if digest.hexdigest() != self.served.digests[idx]:
             raise Fatal(
                 f"checkpoint file {self.served.path} is corrupted "
