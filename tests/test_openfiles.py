@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,17 +84,31 @@ def test_collect_saves_within_limits(tmp_path: Path) -> None:
     small, big, app = tmp_path / "small", tmp_path / "big", tmp_path / "app"
     dest = tmp_path / "dest"
     dest.mkdir()
-    handles = [open(small, "wb"), open(big, "wb"), open(app, "ab")]  # noqa: SIM115
+    # A child holding exactly these three files: pytest's own process holds whatever files
+    # earlier tests of the session left open, which collect would save too.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "hs = [open(sys.argv[1], 'wb'), open(sys.argv[2], 'wb'), open(sys.argv[3], 'ab')]\n"
+            "for h, n in zip(hs, (100, 5000, 10)):\n"
+            "    h.write(b'sba'[hs.index(h):hs.index(h) + 1] * n); h.flush()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)\n",
+            str(small),
+            str(big),
+            str(app),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        handles[0].write(b"s" * 100)
-        handles[1].write(b"b" * 5000)
-        handles[2].write(b"a" * 10)
-        for h in handles:
-            h.flush()
-        files = {Path(f.path).name: f for f in openfiles.collect([os.getpid()], dest, 1000, 10_000)}
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        files = {Path(f.path).name: f for f in openfiles.collect([holder.pid], dest, 1000, 10_000)}
     finally:
-        for h in handles:
-            h.close()
+        holder.kill()
+        holder.wait()
     assert files["small"].policy == SAVED and files["small"].size == 100
     assert (dest / str(files["small"].copy)).read_bytes() == b"s" * 100
     assert files["big"].policy == UNSAVED and files["big"].limit == "CCR_SAVE_FILE_MAX"
