@@ -742,38 +742,42 @@ KEYWORDS = typer.Argument(
 )
 
 
-@checkpoint_app.command("create")
-def cp_create(
-    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
-    options: Optional[list[str]] = KEYWORDS,
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Checkpoint and leave running.  Example: ccr checkpoint create 42 ImageDir=/ckpt MaxWait=30"""
-    image_dir, max_wait, _ = _keywords(options or [])
-    _create(ref, image_dir, max_wait, False, as_json)
+def _checkpoint_verb(name: str, stop: bool, requeue: bool, doc: str) -> None:
+    """Register `ccr checkpoint create|vacate|requeue`: one checkpoint, three endings."""
+
+    def verb(
+        ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
+        options: Optional[list[str]] = KEYWORDS,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        image_dir, max_wait, _ = _keywords(options or [])
+        _create(ref, image_dir, max_wait, stop, as_json)
+        if requeue:
+            coordinator.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue
+
+    verb.__doc__ = doc
+    checkpoint_app.command(name)(verb)
 
 
-@checkpoint_app.command("vacate")
-def cp_vacate(
-    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
-    options: Optional[list[str]] = KEYWORDS,
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Checkpoint, then terminate.  Example: ccr checkpoint vacate 42 MaxWait=60"""
-    image_dir, max_wait, _ = _keywords(options or [])
-    _create(ref, image_dir, max_wait, True, as_json)
-
-
-@checkpoint_app.command("requeue")
-def cp_requeue(
-    ref: str = typer.Argument(..., metavar="JOBID[.STEPID]"),
-    options: Optional[list[str]] = KEYWORDS,
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Checkpoint, terminate, and leave it for `ccr restart`.  Example: ccr checkpoint requeue 42"""
-    image_dir, max_wait, _ = _keywords(options or [])
-    _create(ref, image_dir, max_wait, True, as_json)
-    coordinator.requeue_if_slurm(_ref(ref))  # a Slurm batch job: scontrol requeue, as scontrol did
+_checkpoint_verb(
+    "create",
+    stop=False,
+    requeue=False,
+    doc="Checkpoint and leave running.  Example: ccr checkpoint create 42 ImageDir=/ck MaxWait=30",
+)
+_checkpoint_verb(
+    "vacate",
+    stop=True,
+    requeue=False,
+    doc="Checkpoint, then terminate.  Example: ccr checkpoint vacate 42 MaxWait=60",
+)
+_checkpoint_verb(
+    "requeue",
+    stop=True,
+    requeue=True,
+    doc="Checkpoint, terminate, and leave it for `ccr restart` (a Slurm batch job is requeued, "
+    "as scontrol did).  Example: ccr checkpoint requeue 42",
+)
 
 
 @checkpoint_app.command("restart")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -463,21 +463,18 @@ def _restore(f: WrittenFile, copies: Path, generation: int) -> Undo:
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise IntegrityError(f"checkpoint file missing: {source}") from None
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal size
+        while chunk := os.read(src, _CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            yield chunk
+        if size != f.size or digest.hexdigest() != f.digest:
+            raise IntegrityError(f"checkpoint file {source} (of {f.path}) is corrupted")
+
     try:
-        out = os.open(tmp, _NEW, 0o600)
-        try:
-            while chunk := os.read(src, _CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                _write_all(out, chunk)
-            if size != f.size or digest.hexdigest() != f.digest:
-                raise IntegrityError(f"checkpoint file {source} (of {f.path}) is corrupted")
-            _seal(out, f.uid, f.gid, f.mode)
-        finally:
-            os.close(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        _write_sealed(tmp, chunks(), f.uid, f.gid, f.mode)
     finally:
         os.close(src)
     kept: Path | None = None
@@ -528,20 +525,33 @@ def _copy_range(src: Path, dst: Path, offset: int) -> None:
     """Copy src from offset to its end into a new dst with src's mode and owner, fsync'd."""
     st = os.stat(src)
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def chunks() -> Iterator[bytes]:
+        at = offset
+        while chunk := os.pread(fd_in, _CHUNK, at):
+            at += len(chunk)
+            yield chunk
+
     try:
-        fd_out = os.open(dst, _NEW, 0o600)
+        _write_sealed(dst, chunks(), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(fd_in)
+
+
+def _write_sealed(dst: Path, chunks: Iterable[bytes], uid: int, gid: int, mode: int) -> None:
+    """Write chunks into a new dst (never through a link), then _seal it; on any failure,
+    including one raised by chunks itself (a digest mismatch), dst is removed."""
+    try:
+        out = os.open(dst, _NEW, 0o600)
         try:
-            while chunk := os.pread(fd_in, _CHUNK, offset):
-                offset += len(chunk)
-                _write_all(fd_out, chunk)
-            _seal(fd_out, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            for chunk in chunks:
+                _write_all(out, chunk)
+            _seal(out, uid, gid, mode)
         finally:
-            os.close(fd_out)
+            os.close(out)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(fd_in)
 
 
 def _truncate(f: WrittenFile, generation: int) -> Undo:

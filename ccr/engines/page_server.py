@@ -1293,13 +1293,16 @@ class Keeper:
         self._over.set()
 
     def _close(self) -> None:
+        self._close_uffds()
+        self.ctl.close()
+
+    def _close_uffds(self) -> None:
         for fd in self.uffds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.uffds = []
-        self.ctl.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._over.wait(timeout)
@@ -1316,12 +1319,7 @@ class Keeper:
         self.proc.wait()
         if not self._over.is_set() and not self.ctl._closed:  # type: ignore[attr-defined]
             self.ctl.close()
-        for fd in self.uffds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.uffds = []
+        self._close_uffds()
 
 
 # FILL_STATUS, in the restore's work dir once the fill ended: {"ok": true, "fill_time": s}

@@ -109,7 +109,8 @@ def spawn_step(
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        _intermediate(argv, cwd, env, init, report_w, private_tmp, (output, error))
+        spec = _StepSpec(argv, cwd, env, init, private_tmp, output, error)
+        _intermediate(spec, report_w)
     os.close(report_w)
     data = b""
     while chunk := os.read(report_r, 65536):
@@ -124,15 +125,20 @@ def spawn_step(
     return int(init_pid)
 
 
-def _intermediate(
-    argv: list[str],
-    cwd: Path,
-    env: dict[str, str],
-    init: str,
-    w: int,
-    private_tmp: bool,
-    files: tuple[Path, Path | None],
-) -> None:  # pragma: no cover - runs in the forked child
+@dataclass(frozen=True)
+class _StepSpec:
+    """What spawn_step's forked children need to build the step's world and exec its init."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    init: str
+    private_tmp: bool
+    output: Path
+    error: Path | None
+
+
+def _intermediate(spec: _StepSpec, w: int) -> None:  # pragma: no cover - forked child
     try:
         try:
             _check(_libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
@@ -144,7 +150,7 @@ def _intermediate(
             os._exit(1)
         pid = os.fork()
         if pid == 0:
-            _exec_init(argv, cwd, env, init, w, private_tmp, files)
+            _exec_init(spec, w)
         os.write(w, struct.pack("q", pid))
     finally:
         os._exit(0)
@@ -307,24 +313,17 @@ def _build_world(
             os.close(fd)
 
 
-def _exec_init(
-    argv: list[str],
-    cwd: Path,
-    env: dict[str, str],
-    init: str,
-    w: int,
-    private_tmp: bool,
-    files: tuple[Path, Path | None],
-) -> None:  # pragma: no cover - runs in the forked child
+def _exec_init(spec: _StepSpec, w: int) -> None:  # pragma: no cover - forked child
+    argv, cwd, env, init = spec.argv, spec.cwd, spec.env, spec.init
+    output, error = spec.output, spec.error
     try:
         os.setsid()
-        output, error = files
         try:
             outputs = [output] + ([error] if error else [])
             node_tmp = node_tmp_paths(
                 cwd.resolve(), [o.resolve() for o in outputs], argv, env, init
             )
-            _build_world(cwd, outputs, private_tmp, node_tmp)
+            _build_world(cwd, outputs, spec.private_tmp, node_tmp)
         except OSError as exc:
             os.write(w, f"cannot set up the step's mounts: {exc}".encode())
             os._exit(127)
