@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from ccr import config, identity
 from ccr.deadline import Deadline
 from ccr.locking import exclusive_lock
-from ccr.storage.layout import default_image_dir
 from ccr.storage.registry import Registry
 
 if TYPE_CHECKING:
@@ -41,6 +40,10 @@ class Runtime:
         """Where job_id's checkpoints are (layout.default_image_dir, with its registry record)."""
         if given is not None:
             return given
+        # Imported here: the layout pulls in manifests and the image set (21 ms of `ccr
+        # --version`'s import time), which read-only commands never use.
+        from ccr.storage.layout import default_image_dir
+
         with self.registry() as db:
             return default_image_dir(db.find_job(job_id))
 
