@@ -147,12 +147,20 @@ class Ccr:
 
     def _is_ours(self, pid: int) -> bool:
         # Only a process started with this test's state dir in its environment is ours: a PID
-        # from the registry may have been reused by an unrelated process since.
+        # from the registry may have been reused by an unrelated process since.  A lazily
+        # restored tree whose page server is gone shows an empty environ (its pages were
+        # never filled), so a process whose cwd or open files lie in this test's own
+        # directories is ours too (seen: such trees outlived two loaded test runs).
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             return False
-        return f"CCR_STATE_DIR={self.state_dir}".encode() in environ.split(b"\0")
+        if f"CCR_STATE_DIR={self.state_dir}".encode() in environ.split(b"\0"):
+            return True
+        return any(self._in_our_dirs(link) for link in _proc_links(pid))
+
+    def _in_our_dirs(self, target: str) -> bool:
+        return any(target.startswith(f"{d}/") for d in (self.state_dir, self.work))
 
     def cleanup(self) -> None:
         for proc in self.popens:
@@ -176,6 +184,19 @@ class Ccr:
                 except ProcessLookupError:
                     pass
             time.sleep(0.05)
+
+
+def _proc_links(pid: int) -> Iterator[str]:
+    """Where pid's cwd and open files point (empty where /proc does not let us look)."""
+    try:
+        yield os.readlink(f"/proc/{pid}/cwd")
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                yield os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                pass
+    except OSError:
+        return
 
 
 @pytest.fixture
