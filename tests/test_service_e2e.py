@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, numbers, wait_for
+from conftest import REPO, numbers, run_ccr, wait_for
 
 OPT_PYTHON = Path("/opt/ccr/bin/python")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
@@ -73,20 +73,14 @@ class Service:
         cwd: Path | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [RUNUSER, "-u", user, "--", str(OPT_PYTHON), "-m", "ccr", *args],
+        return run_ccr(
+            args,
             cwd=cwd or self.home(user),
             env=self.env(),
-            capture_output=True,
-            text=True,
+            check=check,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            python=(RUNUSER, "-u", user, "--", str(OPT_PYTHON)),
         )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{user}: ccr {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
 
     def popen(self, user: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
