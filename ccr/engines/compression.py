@@ -358,20 +358,33 @@ def _read_zstd(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes | mem
             raise zstandard.ZstdError(f"frame {index} is not {size} bytes")
         return data
 
+    parts: list[bytes] = []
     raw = index = 0
+    start = 0  # stored offset of the frame being collected
     yielded = False
     try:
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-unzstd") as pool:
             pending: deque[Future[bytes]] = deque()
-            for frame, at, size in _stored_frames(source):
-                if size is None:  # a skippable frame: nothing to decode
-                    continue
-                pending.append(pool.submit(unpack, frame, index, at, size))
-                index += 1
-                raw += size
-                while len(pending) > AHEAD:
-                    yielded = True
-                    yield pending.popleft().result()
+            while not walker.bad and (chunk := source.read(_CHUNK)):
+                base = source.size - len(chunk)
+                cut = 0
+                for end, size in walker.take_ended():
+                    parts.append(chunk[cut : end - base])
+                    cut = end - base
+                    frame = b"".join(parts)
+                    parts.clear()
+                    at, start = start, base + cut
+                    if size is None:  # a skippable frame: nothing to decode
+                        continue
+                    pending.append(pool.submit(unpack, frame, index, at, size))
+                    index += 1
+                    raw += size
+                    while len(pending) > AHEAD:
+                        yielded = True
+                        yield pending.popleft().result()
+                parts.append(chunk[cut:])
+                if walker.unsized:
+                    break
             if walker.unsized:
                 for future in pending:
                     future.cancel()
@@ -583,47 +596,35 @@ def _unpack_frames(source: _WalkingReader, fd: int, report: Progress | None) -> 
         if report is not None:
             report(size)
 
+    walker = source.walker
+    parts: list[bytes] = []
     raw = 0
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-unzstd") as pool:
         pending: deque[Future[None]] = deque()
         try:
-            for frame, _at, size in _stored_frames(source):
-                if size is None:  # a skippable frame: nothing to decode
-                    continue
-                pending.append(pool.submit(unpack, frame, raw, size))
-                raw += size
-                while len(pending) > WORKERS:
-                    pending.popleft().result()
-            if source.walker.unsized:
-                raise _NotFramed
+            while not walker.bad and (chunk := source.read(_CHUNK)):
+                base = source.size - len(chunk)
+                cut = 0
+                for end, size in walker.take_ended():
+                    parts.append(chunk[cut : end - base])
+                    cut = end - base
+                    frame = b"".join(parts)
+                    parts.clear()
+                    if size is None:  # a skippable frame: nothing to decode
+                        continue
+                    pending.append(pool.submit(unpack, frame, raw, size))
+                    raw += size
+                    while len(pending) > WORKERS:
+                        pending.popleft().result()
+                parts.append(chunk[cut:])
+                if walker.unsized:
+                    raise _NotFramed
             while pending:
                 pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
     return raw
-
-
-def _stored_frames(source: _WalkingReader) -> Iterator[tuple[bytes, int, int | None]]:
-    """source's frames, read _CHUNK at a time, as (frame, its stored offset, its raw size or
-    None for a skippable frame); ends early at a bad structure or at a frame without its
-    size (the caller asks source.walker which)."""
-    walker = source.walker
-    parts: list[bytes] = []
-    start = 0  # stored offset of the frame being collected
-    while not walker.bad and (chunk := source.read(_CHUNK)):
-        base = source.size - len(chunk)
-        cut = 0
-        for end, size in walker.take_ended():
-            parts.append(chunk[cut : end - base])
-            cut = end - base
-            frame = b"".join(parts)
-            parts.clear()
-            at, start = start, base + cut
-            yield frame, at, size
-        parts.append(chunk[cut:])
-        if walker.unsized:
-            return
 
 
 def _unpack_stream(source: _WalkingReader, fd: int, report: Progress | None) -> int:
