@@ -53,19 +53,11 @@ def numbers(path: Path) -> list[int]:
 
 
 def run_ccr(
-    args: tuple[str, ...],
-    *,
-    cwd: Path,
-    env: dict[str, str],
-    check: bool,
-    timeout: float,
-    python: tuple[str, ...] = (sys.executable,),
-    **kw: Any,
+    args: tuple[str, ...], *, cwd: Path, env: dict[str, str], check: bool, timeout: float, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m ccr ARGS` (python: the interpreter's command line, e.g. as another user
-    through runuser); with check, a non-zero exit fails the test with its output."""
+    """Run `python -m ccr ARGS`; with check, a non-zero exit fails the test with its output."""
     proc = subprocess.run(
-        [*python, "-m", "ccr", *args],
+        [sys.executable, "-m", "ccr", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, numbers, run_ccr, wait_for
+from conftest import REPO, numbers, wait_for
 
 OPT_PYTHON = Path("/opt/ccr/bin/python")
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
@@ -73,14 +73,20 @@ class Service:
         cwd: Path | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
-        return run_ccr(
-            args,
+        proc = subprocess.run(
+            [RUNUSER, "-u", user, "--", str(OPT_PYTHON), "-m", "ccr", *args],
             cwd=cwd or self.home(user),
             env=self.env(),
-            check=check,
+            capture_output=True,
+            text=True,
             timeout=timeout,
-            python=(RUNUSER, "-u", user, "--", str(OPT_PYTHON)),
+            stdin=subprocess.DEVNULL,
         )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{user}: ccr {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
 
     def popen(self, user: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
