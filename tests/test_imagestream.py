@@ -13,13 +13,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ccr.engines.compression import FRAME_SIZE, Codec, compress_dir, read_verified
 from ccr.engines.imagestream import SOCKET_NAME, ImageServer, Source
 from ccr.errors import IntegrityError
-from ccr.storage.manifest import FORMAT, FileEntry, StepManifest
+from ccr.storage.manifest import FORMAT, FileEntry, Frame, StepManifest, frames_of
 
 
 def blob(size: int, seed: int = 1) -> bytes:
@@ -35,12 +36,22 @@ SIZES = [0, 1, 4096, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 2 * FRAME_SIZE 
 
 
 def stored(tmp_path: Path, data: bytes, codec: str) -> tuple[Path, FileEntry]:
+    path, entry, _ = stored_with_table(tmp_path, data, codec)
+    return path, entry
+
+
+def stored_with_table(
+    tmp_path: Path, data: bytes, codec: str
+) -> tuple[Path, FileEntry, list[Frame] | None]:
+    """The stored file, its entry and its frame table (as StepManifest.frame_tables gives
+    it to a restart; None for files stored whole)."""
     src = tmp_path / "dump"
     src.mkdir(exist_ok=True)
     (src / "pages-1.img").write_bytes(data)
     c = Codec("zstd", 1) if codec == "zstd" else Codec("none", 0)
-    [entry] = compress_dir(src, tmp_path / codec, c)
-    return tmp_path / codec / entry.name, entry
+    tables: dict[str, dict[str, Any]] = {}
+    [entry] = compress_dir(src, tmp_path / codec, c, frames=tables)
+    return tmp_path / codec / entry.name, entry, frames_of(entry, tables.get(entry.name)) or None
 
 
 def collect(pieces: Iterator[bytes | memoryview]) -> bytes:
@@ -60,10 +71,13 @@ def old(entry: FileEntry) -> FileEntry:
 @pytest.mark.parametrize("size", SIZES)
 def test_round_trip_framed_and_old(tmp_path: Path, codec: str, size: int) -> None:
     data = blob(size)
-    path, entry = stored(tmp_path, data, codec)
+    path, entry, table = stored_with_table(tmp_path, data, codec)
     if size >= 64 << 10 or codec == "none":
         assert len(entry.frames) == max(1, -(-size // FRAME_SIZE))
-    assert collect(read_verified(path, entry)) == data
+    if codec == "zstd" and size >= 64 << 10:
+        assert table is not None and len(table) == len(entry.frames)
+        assert collect(read_verified(path, entry, table)) == data  # frames read at offsets
+    assert collect(read_verified(path, entry)) == data  # frames found by walking the file
     assert collect(read_verified(path, old(entry))) == data
 
 
@@ -75,15 +89,15 @@ def flip(path: Path, at: int) -> None:
         fh.write(bytes([byte[0] ^ 0x55]))
 
 
-@pytest.mark.parametrize("codec", ["zstd", "none"])
+@pytest.mark.parametrize("codec", ["zstd", "zstd-table", "none"])
 def test_a_bad_frame_never_leaves(tmp_path: Path, codec: str) -> None:
     """Format 4: the frames before the damaged one come out, not one byte of it."""
     data = blob(3 * FRAME_SIZE)
-    path, entry = stored(tmp_path, data, codec)
+    path, entry, table = stored_with_table(tmp_path, data, codec.removesuffix("-table"))
     flip(path, path.stat().st_size - 10)  # in the third (last) frame
     got = bytearray()
     with pytest.raises(IntegrityError, match=f"{path} is corrupted .*frame 2"):
-        for piece in read_verified(path, entry):
+        for piece in read_verified(path, entry, table if codec.endswith("-table") else None):
             got += piece
     assert bytes(got) == data[: 2 * FRAME_SIZE]
 
@@ -100,17 +114,18 @@ def test_old_entries_are_checked_at_the_end(tmp_path: Path) -> None:
     assert len(got) == len(data)
 
 
-@pytest.mark.parametrize("codec", ["zstd", "none"])
+@pytest.mark.parametrize("codec", ["zstd", "zstd-table", "none"])
 def test_truncated_and_extended_files_are_refused(tmp_path: Path, codec: str) -> None:
     data = blob(2 * FRAME_SIZE + 100)
-    path, entry = stored(tmp_path, data, codec)
+    path, entry, table = stored_with_table(tmp_path, data, codec.removesuffix("-table"))
+    frames = table if codec.endswith("-table") else None
     original = path.read_bytes()
     path.write_bytes(original[: len(original) - 50])
     with pytest.raises(IntegrityError, match=str(path)):
-        collect(read_verified(path, entry))
+        collect(read_verified(path, entry, frames))
     path.write_bytes(original + b"\0" * 10)
     with pytest.raises(IntegrityError, match=str(path)):
-        collect(read_verified(path, entry))
+        collect(read_verified(path, entry, frames))
 
 
 def test_manifest_format_follows_what_it_holds() -> None:

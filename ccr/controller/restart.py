@@ -41,6 +41,7 @@ from ccr.storage.manifest import (
     FileEntry,
     JobManifest,
     StepManifest,
+    frames_of,
     load_step_manifest,
     read_verified,
     verify_files,
@@ -499,7 +500,9 @@ def _restore_streamed(
     try:
         sources = {p.name: imagestream.Source(p) for p in view.iterdir() if p.is_file()}
         for entry in bulk:
-            sources[_raw_name(entry)] = imagestream.Source(image.path / entry.name, entry)
+            frames = frames_of(entry, image.manifest.frame_tables.get(entry.name))
+            stored = image.path / entry.name
+            sources[_raw_name(entry)] = imagestream.Source(stored, entry, frames)
         done = imagestream.restore(
             binary,
             sources,

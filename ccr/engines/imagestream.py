@@ -45,7 +45,7 @@ from ccr.engines import criu as criu_engine
 from ccr.engines import process
 from ccr.engines.compression import framed_entry, read_verified
 from ccr.errors import CcrError, CriuError, IntegrityError, StorageError
-from ccr.storage.manifest import FileEntry
+from ccr.storage.manifest import FileEntry, Frame
 
 SOCKET_NAME = "streamer-serve.sock"  # criu/img-streamer.c, restore side
 GATE_ACTION = "post-restore"
@@ -73,11 +73,12 @@ class Source:
 
     path: Path
     entry: FileEntry | None = None
+    frames: list[Frame] | None = None  # a zstd file's frame table (StepManifest.frame_tables)
 
     def pieces(self) -> Iterator[bytes | memoryview]:
         """The file's bytes in pieces, each valid until the next is asked for."""
         if self.entry is not None:
-            yield from read_verified(self.path, self.entry)
+            yield from read_verified(self.path, self.entry, self.frames)
             return
         with self.path.open("rb", buffering=0) as fh:
             while chunk := fh.read(_LOCAL_PIECE):

@@ -54,7 +54,7 @@ from typing import Any, cast
 
 from ccr.deadline import Deadline
 from ccr.errors import CcrError, IntegrityError
-from ccr.storage.manifest import FileEntry
+from ccr.storage.manifest import FileEntry, Frame, frames_of
 
 PAGE = mmap.PAGESIZE
 SOCKET_NAME = "lazy-pages.socket"
@@ -220,16 +220,6 @@ def _split_at_vmas(task: TaskPages, vaddr: int, size: int, offset: int) -> None:
             task.segments.append(Segment(lo, hi - lo, offset + lo - vaddr))
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One zstd frame of a stored file: raw offset and size, stored offset and length."""
-
-    raw: int
-    size: int
-    at: int
-    length: int
-
-
 def frame_index(path: Path, max_frame: int = 64 << 20) -> list[Frame]:
     """The frames of a zstd file (RFC 8878 §3.1), from their headers: a few bytes per block."""
     frames: list[Frame] = []
@@ -271,24 +261,6 @@ def frame_index(path: Path, max_frame: int = 64 << 20) -> list[Frame]:
     finally:
         os.close(fd)
     return frames
-
-
-def frames_of(entry: FileEntry, table: dict[str, Any] | None) -> list[Frame]:
-    """The frames of a stored file from its manifest's frame table ([] when it has none)."""
-    if not table:
-        return []
-    try:
-        step, lengths = int(table["raw"]), [int(n) for n in table["stored"]]
-    except (KeyError, TypeError, ValueError):
-        raise IntegrityError(f"manifest of {entry.name} has a bad frame table") from None
-    out, raw, at = [], 0, 0
-    for length in lengths:
-        size = min(step, entry.raw_size - raw)
-        out.append(Frame(raw, size, at, length))
-        raw, at = raw + size, at + length
-    if at != entry.size or raw != entry.raw_size or step <= 0:
-        raise IntegrityError(f"manifest of {entry.name}: its frame table does not add up")
-    return out
 
 
 @dataclass

@@ -52,6 +52,34 @@ class FileEntry:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One zstd frame of a stored file: raw offset and size, stored offset and length."""
+
+    raw: int
+    size: int
+    at: int
+    length: int
+
+
+def frames_of(entry: FileEntry, table: dict[str, Any] | None) -> list[Frame]:
+    """The frames of a stored file from its manifest's frame table ([] when it has none)."""
+    if not table:
+        return []
+    try:
+        step, lengths = int(table["raw"]), [int(n) for n in table["stored"]]
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError(f"manifest of {entry.name} has a bad frame table") from None
+    out, raw, at = [], 0, 0
+    for length in lengths:
+        size = min(step, entry.raw_size - raw)
+        out.append(Frame(raw, size, at, length))
+        raw, at = raw + size, at + length
+    if at != entry.size or raw != entry.raw_size or step <= 0:
+        raise IntegrityError(f"manifest of {entry.name}: its frame table does not add up")
+    return out
+
+
 # How a restart treats a file the tree was writing (WrittenFile.policy).
 SAVED = "saved"  # a copy is in the checkpoint: put back as it was
 UNSAVED = "unsaved"  # too large to save: truncated back if only written past its size
