@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from ccr.engines.compression import FRAME_SIZE, Codec, compress_dir, read_verified
-from ccr.engines.imagestream import SOCKET_NAME, ImageServer, Source
+from ccr.engines.imagestream import SOCKET_NAME, ImageServer, PipeWriter, Source
 from ccr.errors import IntegrityError
 from ccr.storage.manifest import FORMAT, FileEntry, Frame, StepManifest, frames_of
 
@@ -251,3 +252,74 @@ def test_gate_drains_an_old_file_criu_stopped_reading(tmp_path: Path) -> None:
         os.close(fd)
     finally:
         server.close()
+
+
+# --- PipeWriter: vmsplice of pieces, and the rule that keeps them unchanged until read ----
+
+
+def slow_reader(
+    fd: int, out: bytearray, chunk: int = 4096, pause: float = 0.0005
+) -> threading.Thread:
+    def run() -> None:
+        while data := os.read(fd, chunk):
+            out.extend(data)
+            time.sleep(pause)
+        os.close(fd)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_pipe_writer_splices_pages_not_copies(tmp_path: Path) -> None:
+    """What CRIU reads is ccr's buffer itself: changed before it was read, the change shows
+    (so the writer must keep pieces unchanged until read, which settle() ensures)."""
+    r, w = os.pipe()
+    buf = bytearray(b"a" * 8192)
+    pipe = PipeWriter(w)
+    assert pipe.write(memoryview(buf), lambda: False)
+    buf[:] = b"b" * 8192  # CRIU has not read yet
+    got = os.read(r, 16384)
+    os.close(r)
+    os.close(w)
+    assert got == b"b" * 8192
+
+
+@pytest.mark.parametrize("kind", ["ring", "fresh-bytes"])
+def test_pipe_writer_keeps_pieces_until_read(kind: str) -> None:
+    """read_verified's contract (a piece is valid until the one after next is asked for),
+    with a ring of two buffers refilled as soon as allowed and a reader slower than the
+    writer: every byte arrives as it was when it was written."""
+    r, w = os.pipe()
+    out = bytearray()
+    reader = slow_reader(r, out)
+    rng = random.Random(7)
+    expected = bytearray()
+    ring = [bytearray(48 << 10) for _ in range(2)]
+    pipe = PipeWriter(w)
+    for index in range(40):
+        pipe.settle(1, lambda: False)  # as a pump does before asking for the next piece
+        data = rng.randbytes(48 << 10)
+        expected += data
+        if kind == "ring":
+            buf = ring[index % 2]
+            buf[:] = data
+            piece: bytes | memoryview = memoryview(buf)
+        else:
+            piece = bytes(data)  # freed (and its memory reused) once the writer lets go
+        assert pipe.write(piece, lambda: False)
+        del piece
+    pipe.settle(0, lambda: False)
+    os.close(w)
+    reader.join(30)
+    assert bytes(out) == bytes(expected)
+
+
+def test_pipe_writer_stops_when_the_reader_is_gone() -> None:
+    r, w = os.pipe()
+    pipe = PipeWriter(w)
+    assert pipe.write(b"x" * 4096, lambda: False)
+    os.close(r)
+    pipe.settle(0, lambda: False)  # returns: nobody can read what is left
+    assert not pipe.write(b"y" * (2 << 20), lambda: False)
+    os.close(w)
