@@ -17,7 +17,7 @@ import pytest
 from ccr import errors
 from ccr.deadline import NO_DEADLINE, Deadline
 from ccr.engines import criu as criu_engine
-from ccr.engines import criu_wire
+from ccr.engines import criu_wire, image_fixes
 from ccr.engines.criu import Criu, CriuOptions, criu_options
 from ccr.errors import CriuError, MaxWaitExceeded, StorageError, exit_code_for
 from ccr.locking import exclusive_lock
@@ -352,3 +352,54 @@ def test_every_setting_is_documented() -> None:
     assert {"CCR_INIT", "CCR_SCRATCH", "CCR_DEBUG", "CCR_COMPRESS"} <= names
     missing = sorted(n for n in names if f"`{n}" not in README)
     assert not missing, f"not in README: {missing}"
+
+
+@pytest.mark.parametrize(
+    "kinds, needed",
+    [
+        (["REG", "PIPE", "EVENTFD"], False),
+        (["REG", "UNIXSK"], True),
+        (["TIMERFD"], True),
+        ([], False),
+    ],
+)
+def test_image_fixes_read_files_img_without_pycriu(
+    tmp_path: Path, kinds: list[str], needed: bool
+) -> None:
+    """may_need_fixes reads each file_entry's type as pycriu would write it; a restore
+    decodes images with pycriu (60-100 ms) only when a fix may apply."""
+    images = pytest.importorskip("pycriu.images")
+    entries: list[dict[str, object]] = []
+    for n, kind in enumerate(kinds):
+        entry: dict[str, object] = {"type": kind, "id": n + 1}
+        if kind == "REG":
+            entry["reg"] = {"id": n + 1, "flags": 0, "pos": 0, "fown": _FOWN, "name": "/x"}
+        elif kind == "UNIXSK":
+            entry["usk"] = {
+                "id": n + 1, "ino": 9, "type": 1, "state": 7, "flags": 0, "backlog": 0,
+                "peer": 0, "fown": _FOWN, "uflags": 0, "name": "", "opts": {
+                    "so_sndbuf": 1, "so_rcvbuf": 1, "so_snd_tmo_sec": 0,
+                    "so_snd_tmo_usec": 0, "so_rcv_tmo_sec": 0, "so_rcv_tmo_usec": 0,
+                },
+            }  # fmt: skip
+        elif kind == "TIMERFD":
+            entry["tfd"] = {
+                "id": n + 1, "flags": 0, "fown": _FOWN, "clockid": 1, "ticks": 0,
+                "settime_flags": 0, "vsec": 0, "vnsec": 0, "isec": 1, "insec": 0,
+            }  # fmt: skip
+        elif kind == "PIPE":
+            entry["pipe"] = {"id": n + 1, "pipe_id": 7, "flags": 0, "fown": _FOWN}
+        elif kind == "EVENTFD":
+            entry["efd"] = {"id": n + 1, "flags": 0, "fown": _FOWN, "counter": 0}
+        entries.append(entry)
+    with (tmp_path / "files.img").open("wb") as fh:
+        images.dump({"magic": "FILES", "entries": entries}, fh)
+    assert image_fixes.may_need_fixes(tmp_path) is needed
+    (tmp_path / "files.img").write_bytes(b"\x19\x43\x56\x54garbage")
+    assert image_fixes.may_need_fixes(tmp_path)  # not understood: the full decode decides
+    (tmp_path / "files.img").unlink()
+    (tmp_path / "timerfd.img").write_bytes(b"")
+    assert image_fixes.may_need_fixes(tmp_path)  # older CRIU's own image
+
+
+_FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}

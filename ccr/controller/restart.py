@@ -267,10 +267,13 @@ def correct_images(image: StepImage, raw_dir: Path, scratch: bool, work: Path) -
     """
     notes: list[str] = []
     m = image.manifest
-    for path in image_fixes.make_socket_dirs(image_fixes.bound_socket_paths(raw_dir), m.uid, m.gid):
-        notes.append(f"created {path} (0700, {m.uid}:{m.gid}) for a bound Unix socket")
-    replaced, fixes = image_fixes.corrected_timerfds(raw_dir)
-    notes += [fix.describe() for fix in fixes]
+    replaced: dict[str, bytes] = {}
+    if image_fixes.may_need_fixes(raw_dir):
+        sockets = image_fixes.bound_socket_paths(raw_dir)
+        for path in image_fixes.make_socket_dirs(sockets, m.uid, m.gid):
+            notes.append(f"created {path} (0700, {m.uid}:{m.gid}) for a bound Unix socket")
+        replaced, fixes = image_fixes.corrected_timerfds(raw_dir)
+        notes += [fix.describe() for fix in fixes]
     if m.leave_running and m.tcp_established:
         lifted = image_fixes.lifted_network_lock(raw_dir)
         replaced.update(lifted)

@@ -76,7 +76,7 @@ def encode_req(kind: int, opts: bytes | None = None, notify_success: bool | None
     return out
 
 
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+def read_varint(data: bytes, at: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if at >= len(data) or shift > 63:
@@ -94,13 +94,13 @@ def parse(data: bytes) -> dict[int, list[int | bytes]]:
     fields: dict[int, list[int | bytes]] = {}
     at = 0
     while at < len(data):
-        key, at = _read_varint(data, at)
+        key, at = read_varint(data, at)
         number, wire = key >> 3, key & 7
         value: int | bytes
         if wire == _VARINT:
-            value, at = _read_varint(data, at)
+            value, at = read_varint(data, at)
         elif wire == _BYTES:
-            size, at = _read_varint(data, at)
+            size, at = read_varint(data, at)
             if at + size > len(data):
                 raise ValueError("truncated field")
             value, at = data[at : at + size], at + size
