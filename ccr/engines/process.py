@@ -364,26 +364,49 @@ def reap_exited_children() -> None:
             return
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from each /proc/<pid>/stat's ppid (one pass over /proc).
+
+    Read here rather than through psutil, whose import alone took ~15 ms of each create
+    and restart (this kernel has no /proc/<pid>/task/<tid>/children).
+    """
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                data = fh.read()
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses
+            ppid = int(data[data.rindex(b")") + 2 :].split(None, 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
 def tree_pids(root: int) -> list[int]:
     """The root and every descendant, root first."""
-    import psutil  # here, not at import: `ccr list` and `ccr status` never need it
-
-    try:
-        proc = psutil.Process(root)
-        return [root] + [p.pid for p in proc.children(recursive=True)]
-    except psutil.Error:
+    if not os.path.exists(f"/proc/{root}"):
         return []
+    kids = children_by_parent()
+    found = [root]
+    for pid in found:  # grows as it goes: breadth first
+        found.extend(sorted(kids.get(pid, [])))
+    return found
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tree_rss(root: int) -> int:
     """Resident memory of the whole tree, in bytes: what a dump will write, roughly."""
-    import psutil
-
     total = 0
     for pid in tree_pids(root):
         try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
             continue
     return total
 
@@ -468,20 +491,18 @@ def restore_leftovers(since: int, helper_exe: str) -> list[int]:
     These are PID-namespace inits (half-restored roots) and helper_exe processes (CRIU's own
     forks, orphaned when CRIU was killed and reparented to us, the subreaper).
     """
-    import psutil
-
     found = []
     helper = os.path.realpath(helper_exe)
-    for child in psutil.Process().children():
-        start = start_time(child.pid)
+    for child in children_by_parent().get(os.getpid(), []):
+        start = start_time(child)
         if start is None or start < since:
             continue
         try:
-            exe = os.path.realpath(f"/proc/{child.pid}/exe")
+            exe = os.path.realpath(f"/proc/{child}/exe")
         except OSError:
             exe = ""
-        if exe == helper or (ns_pid(child.pid) or 0) != child.pid:
-            found.append(child.pid)
+        if exe == helper or (ns_pid(child) or 0) != child:
+            found.append(child)
     return found
 
 
