@@ -1,5 +1,5 @@
 """`python -m ccr`: the command line."""
 
-from ccr.cli import main
+from ccr.entrypoint import main
 
 main()

@@ -17,8 +17,9 @@ try:  # typer >= 0.2x vendors click; older ones depend on it
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
 
-from ccr import __version__, config, interrupts, progress, timestamps
+from ccr import __version__, config, entrypoint, interrupts, progress, timestamps
 from ccr.controller.runtime import Runtime
+from ccr.entrypoint import report_failure
 from ccr.errors import CcrError, CriuError, JobStateError, UsageError, exit_code_for
 from ccr.ids import JobRef, parse_job_ref
 from ccr.lazy import lazy_module
@@ -937,15 +938,6 @@ def _normalise(root: Any, args: list[str]) -> tuple[list[str], bool]:
     return front + out, as_json
 
 
-def _fail(message: str, code: int, as_json: bool) -> int:
-    """Report an error: one line `ccr: error: ...`, or under --json {"error", "code"}."""
-    if as_json:
-        print(json.dumps({"error": message, "code": code}), file=sys.stderr)
-    else:
-        print(f"ccr: error: {message}", file=sys.stderr)
-    return code
-
-
 class _InterruptedCommand(Exception):
     """Carries a command's KeyboardInterrupt past typer (which would swallow it) to main."""
 
@@ -963,24 +955,8 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: every error becomes one line on stderr and a non-zero exit code.
-
-    A user other than root (or root, with CCR_SOCKET naming a running service) runs the
-    command in the node service (ccr/service), which prints and exits exactly as this does.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    from ccr.service import client
-
-    if client.wants_service(args):
-        try:
-            code = client.call(args)
-        except CcrError as exc:
-            code = _fail(str(exc), exit_code_for(exc), "--json" in args)
-        sys.stdout.flush()
-        sys.exit(code)
-    code = run_in_process(args)
-    sys.stdout.flush()
-    sys.exit(code)
+    """The `ccr` command (ccr.entrypoint.main: the service's client, else in-process)."""
+    entrypoint.main(argv)
 
 
 def run_in_process(argv: list[str]) -> int:
@@ -996,14 +972,14 @@ def run_in_process(argv: list[str]) -> int:
     except _InterruptedCommand as exc:
         code = _interrupted(exc.interrupt)
     except typer.Abort:
-        code = _fail("aborted", 130, as_json)
+        code = report_failure("aborted", 130, as_json)
     except click.exceptions.NoArgsIsHelpError as exc:
         print(exc.format_message())  # `ccr` (or `ccr checkpoint`) alone: the help, not an error
         code = 0
     except click.ClickException as exc:
-        code = _fail(exc.format_message(), exc.exit_code, as_json)
+        code = report_failure(exc.format_message(), exc.exit_code, as_json)
     except CcrError as exc:
-        code = _fail(str(exc), exit_code_for(exc), as_json)
+        code = report_failure(str(exc), exit_code_for(exc), as_json)
     except KeyboardInterrupt as exc:
         code = _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - a user sees one line, never a traceback
@@ -1011,7 +987,7 @@ def run_in_process(argv: list[str]) -> int:
             raise
         message = f"{type(exc).__name__}: {exc} (CCR_DEBUG=1 for details)"
         if as_json:
-            code = _fail(f"internal error: {message}", 1, True)
+            code = report_failure(f"internal error: {message}", 1, True)
         else:
             print(f"ccr: internal error: {message}", file=sys.stderr)
             code = 1

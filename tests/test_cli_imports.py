@@ -105,3 +105,51 @@ def test_read_only_command_loads_no_engine(state_dir: Path, args: list[str]) -> 
     ]
     assert loaded == [], f"ccr {' '.join(args)} loaded {loaded}"
     assert "a read-only command started a subprocess" not in proc.stderr
+
+
+FORWARD_PROBE = """\
+import json, sys
+from ccr.service import client
+
+def forwarded(argv, stdio=(0, 1, 2)):
+    print(json.dumps({"argv": argv, "modules": sorted(sys.modules)}), file=sys.stderr)
+    return 0
+
+client.call = forwarded
+from ccr import entrypoint
+sys.argv = ["ccr", "create", "7"]
+try:
+    entrypoint.main()
+except SystemExit:
+    pass
+"""
+
+
+def test_a_command_for_the_service_is_forwarded_before_typer_loads(tmp_path: Path) -> None:
+    """The client (every user's `ccr`) imports neither typer nor ccr's controller: the
+    service's worker has them loaded (they cost the client ~60 ms a call)."""
+    import socket as socket_module
+
+    path = tmp_path / "svc.sock"
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)  # a live root-owned socket: root's ccr goes to it (CCR_SOCKET)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", FORWARD_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"CCR_SOCKET": str(path), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        listener.close()
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["argv"] == ["create", "7"]
+    heavy = [
+        m
+        for m in report["modules"]
+        if m.split(".")[0] in ("typer", "click", "rich") or m.startswith("ccr.controller")
+    ]
+    assert heavy == []

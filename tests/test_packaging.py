@@ -41,7 +41,7 @@ def test_distribution_name_is_not_the_unrelated_pypi_ccr() -> None:
     # PyPI's `ccr` is another project with its own `ccr` package: `pip install -U ccr`
     # must never be able to replace this tool with it.
     assert PROJECT["name"] == "ccr-criu"
-    assert PROJECT["scripts"] == {"ccr": "ccr.cli:main"}
+    assert PROJECT["scripts"] == {"ccr": "ccr.entrypoint:main"}
     readme = (REPO / "README.md").read_text()
     assert "pip install ccr-criu" in readme
 

@@ -28,6 +28,7 @@ from ccr.storage.imageset import (
     discard,
     make_private_dir,
     scratch_dir,
+    start_writeback,
     storage_error,
 )
 from ccr.storage.manifest import (
@@ -423,6 +424,8 @@ def _dump_step(
             )
         if not opts.stop:
             seq.resume()
+        if not staged:
+            start_writeback(step_dir)  # the disk takes the images while they are hashed
         if identity.served_user():
             identity.give_to_caller(raw_dir)  # CRIU wrote its images as root
             refuse_foreign_tasks(raw_dir, step.id)

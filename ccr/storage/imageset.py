@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ccr import config, identity
 from ccr.errors import NO_SPACE, StorageError
@@ -149,6 +151,41 @@ def fsync_tree(path: Path) -> None:
 
 
 FSYNC_THREADS = 8
+
+
+def _libc_sync_file_range() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(directory: Path) -> None:
+    """Start writing every file directly in directory to disk, without waiting.
+
+    A dump written in place is then hashed (~60 ms per 100 MB here) while the disk takes
+    it, and the publish's fsync (fsync_tree) waits only for what is left.  Best effort:
+    without sync_file_range(2) the fsync does it all, as before.
+    """
+    if _SYNC_FILE_RANGE is None:
+        return
+    for entry in os.scandir(directory):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        finally:
+            os.close(fd)
 
 
 def _fsync_file(name: str) -> None:
