@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, TypeVar, cast
 
 import zstandard
 
@@ -296,10 +296,7 @@ def _read_raw(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes | memo
 
 
 def _read_raw_framed(fd: int, src: Path, entry: FileEntry) -> Iterator[memoryview]:
-    """Format 4: each piece is read (pread, at its offset) and hashed on a worker, AHEAD
-    pieces ahead of the consumer, so the disk streams while the consumer (CRIU, through a
-    pipe) copies and faults in what it was given.  Read in the consumer's thread instead,
-    a 1 GiB restore paid the disk's 1.2 s and CRIU's 1.0 s one after the other.
+    """Format 4: each piece read (pread, at its offset) and checked on a worker.
 
     Pieces go into a ring of reused buffers (a fresh 8 MiB object per piece costs 2048 page
     faults on this VM); a piece's buffer is refilled AHEAD + 1 pieces later, after its
@@ -314,38 +311,15 @@ def _read_raw_framed(fd: int, src: Path, entry: FileEntry) -> Iterator[memoryvie
         )
     ring = [bytearray(min(piece, entry.size) or 1) for _ in range(min(count, AHEAD + 2))]
 
-    def fill(buf: bytearray, at: int) -> tuple[memoryview, str]:
-        view = memoryview(buf)[: min(piece, entry.size - at)]
-        got = 0
-        while got < len(view) and (n := os.preadv(fd, [view[got:]], at + got)):
-            got += n
-        return view[:got], digest_of(view[:got], entry.algorithm)
+    def fill(index: int) -> memoryview:
+        at = index * piece
+        view = memoryview(ring[index % len(ring)])[: min(piece, entry.size - at)]
+        _pread_exactly(fd, view, at, src, entry)
+        if digest_of(view, entry.algorithm) != entry.frames[index]:
+            raise _frame_mismatch(src, index, at)
+        return view
 
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-verify") as pool:
-        pending: deque[Future[tuple[memoryview, str]]] = deque()
-        submitted = 0
-        try:
-            for index in range(count):
-                while submitted < count and len(pending) <= AHEAD:
-                    at = submitted * piece
-                    pending.append(pool.submit(fill, ring[submitted % len(ring)], at))
-                    submitted += 1
-                view, digest = pending.popleft().result()
-                if len(view) != min(piece, entry.size - index * piece):
-                    raise IntegrityError(
-                        f"checkpoint file {src} is {index * piece + len(view)} bytes, "
-                        f"manifest says {entry.size} (truncated?)"
-                    )
-                if digest != entry.frames[index]:
-                    raise _frame_mismatch(src, index, index * piece)
-                yield view
-        finally:
-            for future in pending:
-                future.cancel()
-    if os.pread(fd, 1, entry.size):
-        raise IntegrityError(
-            f"checkpoint file {src} is longer than the {entry.size} bytes its manifest says"
-        )
+    return _in_order(fd, src, entry, count, fill)
 
 
 def _read_raw_whole(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]:
@@ -369,10 +343,8 @@ def _read_raw_whole(ifh: FileIO, src: Path, entry: FileEntry) -> Iterator[bytes]
 
 
 def _read_zstd_framed(fd: int, src: Path, entry: FileEntry, frames: list[Frame]) -> Iterator[bytes]:
-    """read_verified of a zstd file with its frame table: each frame is read (pread, at its
-    stored offset), checked and decoded on a worker, AHEAD frames ahead of the consumer.
-    Walking the frames in the consumer's thread instead, a 1 GiB restore waited 0.35-0.42 s
-    for its reads (the disk and CRIU took turns)."""
+    """read_verified of a zstd file with its frame table: each frame read (pread, at its
+    stored offset), checked and decoded on a worker."""
     if len(frames) != len(entry.frames):
         raise IntegrityError(
             f"manifest of {src.name}: {len(frames)} frames in its table, "
@@ -386,14 +358,7 @@ def _read_zstd_framed(fd: int, src: Path, entry: FileEntry, frames: list[Frame])
         if buf is None or len(buf) < frame.length:
             buf = local.buf = bytearray(max(frame.length, FRAME_SIZE + (FRAME_SIZE >> 7)))
         view = memoryview(buf)[: frame.length]
-        got = 0
-        while got < len(view) and (n := os.preadv(fd, [view[got:]], frame.at + got)):
-            got += n
-        if got != frame.length:
-            raise IntegrityError(
-                f"checkpoint file {src} is {frame.at + got} bytes, manifest says "
-                f"{entry.size} (truncated?)"
-            )
+        _pread_exactly(fd, view, frame.at, src, entry)
         if digest_of(view, entry.algorithm) != entry.frames[index]:
             raise _frame_mismatch(src, index, frame.at)
         dctx = getattr(local, "dctx", None)
@@ -404,13 +369,29 @@ def _read_zstd_framed(fd: int, src: Path, entry: FileEntry, frames: list[Frame])
             raise zstandard.ZstdError(f"frame {index} is not {frame.size} bytes")
         return data
 
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-unzstd") as pool:
-        pending: deque[Future[bytes]] = deque()
+    return _in_order(fd, src, entry, len(frames), unpack)
+
+
+_T = TypeVar("_T")
+
+
+def _in_order(
+    fd: int, src: Path, entry: FileEntry, count: int, task: Callable[[int], _T]
+) -> Iterator[_T]:
+    """task(0) ... task(count - 1) run on WORKERS threads, AHEAD ahead of the consumer, and
+    their results yielded in order; then the stored file must end where entry says.
+
+    Each piece read at its own offset, the disk streams while the consumer (CRIU, through a
+    pipe) copies and faults in what it was given: read in the consumer's thread instead, a
+    1 GiB uncompressed restore paid the disk's 1.2 s and CRIU's 1.0 s one after the other.
+    """
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ccr-verify") as pool:
+        pending: deque[Future[_T]] = deque()
         submitted = 0
         try:
-            for _ in frames:
-                while submitted < len(frames) and len(pending) <= AHEAD:
-                    pending.append(pool.submit(unpack, submitted))
+            for _ in range(count):
+                while submitted < count and len(pending) <= AHEAD:
+                    pending.append(pool.submit(task, submitted))
                     submitted += 1
                 yield pending.popleft().result()
         finally:
@@ -419,6 +400,17 @@ def _read_zstd_framed(fd: int, src: Path, entry: FileEntry, frames: list[Frame])
     if os.pread(fd, 1, entry.size):
         raise IntegrityError(
             f"checkpoint file {src} is longer than the {entry.size} bytes its manifest says"
+        )
+
+
+def _pread_exactly(fd: int, view: memoryview, at: int, src: Path, entry: FileEntry) -> None:
+    """Fill view from the stored file at offset at; a short file is truncated."""
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], at + got)):
+        got += n
+    if got != len(view):
+        raise IntegrityError(
+            f"checkpoint file {src} is {at + got} bytes, manifest says {entry.size} (truncated?)"
         )
 
 
