@@ -120,3 +120,34 @@ def test_default_image_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert layout.default_image_dir(None) == tmp_path
     assert layout.default_image_dir(job) == Path("/ckpt")
     assert layout.default_image_dir(job, Path("/given")) == Path("/given")
+
+
+def test_prune_leaves_the_series_at_once_and_deletes_in_the_background(tmp_path: Path) -> None:
+    """Pruned generations are gone from the series when prune returns; a detached process
+    deletes them (a 100 MB pages file took ~60 ms to delete here), and a leftover of a
+    deletion that died is removed by the next checkpoint's staging clean-up."""
+    import time
+
+    from ccr.storage.imageset import CheckpointSeries
+
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)
+    for number in range(1, 5):
+        gen = images / f"9.0.ckpt.{number}"
+        gen.mkdir(mode=0o700)
+        (gen / MANIFEST).write_text("{}")
+        (gen / "pages-1.img").write_bytes(os.urandom(1 << 20))
+    series = CheckpointSeries(images, "9.0.ckpt")
+    removed = series.prune(2)
+    assert sorted(p.name for p in removed) == ["9.0.ckpt.1", "9.0.ckpt.2"]
+    assert [g.number for g in series.generations()] == [3, 4]
+    deadline = time.monotonic() + 30
+    while [p for p in images.iterdir() if p.name.startswith(".")]:
+        assert time.monotonic() < deadline, sorted(p.name for p in images.iterdir())
+        time.sleep(0.02)
+    assert sorted(p.name for p in images.iterdir()) == ["9.0.ckpt.3", "9.0.ckpt.4"]
+    # A deletion that died half-way (its process is gone): the next staging removes it.
+    stale = images / ".9.0.ckpt.old-999999999-abcd1234"
+    (stale / "sub").mkdir(parents=True)
+    series.begin()
+    assert not stale.exists()

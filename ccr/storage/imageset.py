@@ -18,7 +18,8 @@ from ccr import config, identity
 from ccr.errors import NO_SPACE, StorageError
 from ccr.storage.manifest import JOB_MANIFEST, MANIFEST
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+# Staging directories (`.tmp-`) and pruned generations awaiting deletion (`.old-`).
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 # A checkpoint's own names: `42.ckpt`, `42.0.ckpt`, their generations `42.0.ckpt.7`, and
@@ -289,12 +290,25 @@ class CheckpointSeries:
         return Generation(number, final)
 
     def prune(self, keep: int) -> list[Path]:
-        """Delete all but the newest `keep` complete generations (never the newest)."""
+        """Delete all but the newest `keep` complete generations (never the newest).
+
+        Each leaves the series at once (renamed to a hidden name) and is deleted by a
+        detached process: deleting a generation's 100 MB pages file took ~60 ms here
+        (ext4 mounted with `discard`), a sixth of a 64 MiB create, and nothing needs to
+        wait for the space.  A deletion that died half-way is finished by the next
+        checkpoint's clean_stale_staging (the hidden name carries this process's PID).
+        """
         keep = max(1, keep)
-        removed = []
+        removed, doomed = [], []
         for gen in self.generations()[:-keep]:
-            shutil.rmtree(gen.path, ignore_errors=True)
+            trash = self.image_dir / f".{self.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.rename(gen.path, trash)
+                doomed.append(trash)
+            except OSError:
+                shutil.rmtree(gen.path, ignore_errors=True)
             removed.append(gen.path)
+        remove_detached(doomed)
         return removed
 
     def clean_stale_staging(self) -> None:
@@ -322,6 +336,34 @@ def _mem_available() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def remove_detached(paths: list[Path]) -> None:
+    """Delete paths (directory trees) in a detached grandchild and return at once.
+
+    The grandchild is forked, not exec'd: it keeps this thread's file credentials (a node
+    service worker's are the caller's, see ccr.identity), and it only deletes.
+    """
+    if not paths:
+        return
+    try:
+        child = os.fork()
+    except OSError:
+        child = -1
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                os.chdir("/")
+                for path in paths:
+                    shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os._exit(0)
+    if child < 0:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    os.waitpid(child, 0)
 
 
 def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
