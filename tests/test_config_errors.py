@@ -403,3 +403,58 @@ def test_image_fixes_read_files_img_without_pycriu(
 
 
 _FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
+
+
+def _mount(mnt_id: int, source: str, root: str, ext_key: str = "") -> dict[str, object]:
+    entry: dict[str, object] = {
+        "fstype": 5, "mnt_id": mnt_id, "root_dev": 1, "parent_mnt_id": 1, "flags": 0,
+        "root": root, "mountpoint": f"./m{mnt_id}", "source": source, "options": "",
+    }  # fmt: skip
+    if ext_key:
+        entry["ext_key"] = ext_key
+    return entry
+
+
+@pytest.mark.parametrize(
+    "mounts, all_there",
+    [
+        ([_mount(2, "tmpfs", "/"), _mount(3, "/", "/", ext_key="/")], True),
+        ([_mount(3, "/ccr-no-such-path-9f3", "/", ext_key="/x")], False),
+        ([_mount(2, "tmpfs", "/")], True),
+    ],
+)
+def test_mount_check_reads_mountpoints_without_pycriu(
+    tmp_path: Path, mounts: list[dict[str, object]], all_there: bool
+) -> None:
+    """A restore asks whether every external mount is still on the node without pycriu;
+    a gone one (or an image not understood) leaves it to the full decode."""
+    images = pytest.importorskip("pycriu.images")
+    with (tmp_path / "mountpoints-12.img").open("wb") as fh:
+        images.dump({"magic": "MNTS", "entries": mounts}, fh)
+    assert criu_engine._no_mount_gone(tmp_path / "mountpoints-12.img") is all_there
+    if not all_there:  # the full decode agrees: the mount is left out of a view
+        view = criu_engine.without_gone_mounts(tmp_path)
+        assert view != tmp_path
+        criu_engine.drop_view(view, tmp_path)
+
+
+def test_listening_ports_need_pycriu_only_with_inet_sockets(tmp_path: Path) -> None:
+    images = pytest.importorskip("pycriu.images")
+    fown = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
+    pipe = {"type": "PIPE", "id": 1, "pipe": {"id": 1, "pipe_id": 7, "flags": 0, "fown": fown}}
+    with (tmp_path / "files.img").open("wb") as fh:
+        images.dump({"magic": "FILES", "entries": [pipe]}, fh)
+    assert criu_engine.tcp_listen_ports(tmp_path) == set()
+    isk = {
+        "id": 2, "ino": 5, "family": 2, "type": 1, "proto": 6, "state": 10, "src_port": 4711,
+        "dst_port": 0, "flags": 0, "backlog": 8, "src_addr": [0], "dst_addr": [0],
+        "fown": fown, "opts": {
+            "so_sndbuf": 1, "so_rcvbuf": 1, "so_snd_tmo_sec": 0, "so_snd_tmo_usec": 0,
+            "so_rcv_tmo_sec": 0, "so_rcv_tmo_usec": 0,
+        },
+    }  # fmt: skip
+    with (tmp_path / "files.img").open("wb") as fh:
+        images.dump(
+            {"magic": "FILES", "entries": [pipe, {"type": "INETSK", "id": 2, "isk": isk}]}, fh
+        )
+    assert criu_engine.tcp_listen_ports(tmp_path) == {4711}

@@ -28,29 +28,6 @@ NSEC = 1_000_000_000
 # files.img's file_entry.type values (CRIU's images/fdinfo.proto) that a fix looks at.
 _FD_UNIXSK = 5
 _FD_TIMERFD = 17
-_IMG_COMMON_MAGIC = 0x54564319  # criu/include/magic.h
-
-
-def _fd_types(path: Path) -> set[int] | None:
-    """The fd types in files.img (each entry's field 1), read without pycriu; None if the
-    file is missing or not as expected (then the full decode decides)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    at = 8 if data[:4] == _IMG_COMMON_MAGIC.to_bytes(4, "little") else 4
-    kinds: set[int] = set()
-    try:
-        while at < len(data):
-            size = int.from_bytes(data[at : at + 4], "little")
-            entry = data[at + 4 : at + 4 + size]
-            if len(entry) != size or not entry or entry[0] != 0x08:  # field 1, a varint
-                return None
-            kinds.add(criu_wire.read_varint(entry, 1)[0])
-            at += 4 + size
-    except ValueError:
-        return None
-    return kinds
 
 
 def may_need_fixes(image_dir: Path) -> bool:
@@ -59,7 +36,7 @@ def may_need_fixes(image_dir: Path) -> bool:
     import and decode took 60-100 ms of a 64 MiB restart here."""
     if any((image_dir / name).exists() for name in ("timerfd.img", "unixsk.img")):
         return True
-    kinds = _fd_types(image_dir / "files.img")
+    kinds = criu_wire.fd_types(image_dir / "files.img")
     return kinds is None or bool(kinds & {_FD_UNIXSK, _FD_TIMERFD})
 
 
