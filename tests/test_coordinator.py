@@ -23,7 +23,7 @@ from ccr.controller import coordinator as coord
 from ccr.controller import node_participant as node
 from ccr.controller.runtime import Runtime
 from ccr.engines.compression import parse_codec
-from ccr.errors import CriuError, JobStateError, MaxWaitExceeded
+from ccr.errors import CcrError, CriuError, JobStateError, MaxWaitExceeded, PermissionDeniedError
 from ccr.ids import JobRef
 from ccr.storage.imageset import CheckpointSeries
 
@@ -61,6 +61,8 @@ class FakeNodes:
     commands: list[list[str]] = field(default_factory=list)
     stdin: _Stdin = field(default_factory=_Stdin)
     release: threading.Event = field(default_factory=threading.Event)
+    silent: set[str] = field(default_factory=set)  # nodes srun never started (no report)
+    stderr: str = ""  # what srun said
 
     def nodes_of(self, job_id: int) -> list[str]:
         return list(self.reports)
@@ -69,8 +71,8 @@ class FakeNodes:
         self.commands.append(command)
         staging = command[command.index("--staging") + 1]
         lines = []
-        for report in self.reports.values():
-            if report is None:
+        for name, report in self.reports.items():
+            if report is None or name in self.silent:
                 continue
             for task in report.get("tasks", []):
                 rank_dir = self.image_dir / staging / str(task["step"]) / str(task["rank"])
@@ -83,7 +85,7 @@ class FakeNodes:
             else io.StringIO("".join(lines))
         )
         proc = type("P", (), {})()
-        proc.stdin, proc.stdout, proc.stderr = self.stdin, stdout, io.StringIO("")
+        proc.stdin, proc.stdout, proc.stderr = self.stdin, stdout, io.StringIO(self.stderr)
         proc.wait = lambda timeout=None: 0
         proc.kill = lambda: None
         return proc
@@ -211,3 +213,27 @@ def test_registry_is_untouched_by_the_coordinator(rt: Runtime, tmp_path: Path) -
     run(rt, fake)
     with rt.registry() as db:
         assert db.find_job(JOB) is None
+
+
+@pytest.mark.parametrize(
+    "said, expected",
+    [
+        ("srun: error: Unable to create step for job 71500: Access/permission denied\n",
+         PermissionDeniedError),
+        ("srun: error: node n2 unreachable\n", CcrError),
+    ],
+)  # fmt: skip
+def test_srun_refused_by_slurm_is_a_permission_error(
+    rt: Runtime, tmp_path: Path, said: str, expected: type[CcrError]
+) -> None:
+    """A user's create of a job that is not hers: Slurm refuses her srun, and ccr says so
+    with exit 9 (another srun failure stays a plain error); nothing is published."""
+    d = tmp_path
+    fake = FakeNodes(d, {"n1": ok("n1", d, task("n1", 0)), "n2": ok("n2", d, task("n2", 1))})
+    fake.silent, fake.stderr = {"n1", "n2"}, said
+    with pytest.raises(CcrError) as caught:
+        run(rt, fake)
+    assert type(caught.value) is expected, caught.value
+    assert said.strip().rsplit(": ", 1)[-1] in str(caught.value)
+    assert CheckpointSeries(d, f"{JOB}.ckpt").newest() is None
+    assert fake.staging_left() == []

@@ -292,12 +292,13 @@ def test_alice_two_node_create_and_restart(users_cluster: UserCluster) -> None:
         assert consecutive(nums), nums[:5] + ["..."] + nums[-5:]
     _alice_owns_the_ranks(uc, job, ranks)
 
-    # root's job is not alice's: Slurm itself refuses her srun into it (exit 9 or Slurm's)
+    # root's job is not alice's: Slurm itself refuses her srun into it, and ccr says so
+    # with its permission exit code (9)
     other = uc.cluster.sbatch("-N1", "-w", "node3", "--wrap", "sleep 300")
     uc.jobs.append(other)
     uc.cluster.wait_job(other, ("RUNNING",))
     proc = uc.ccr("create", str(other), check=False)
-    assert proc.returncode != 0 and proc.stderr.startswith("ccr: error:"), proc
+    assert proc.returncode == 9 and proc.stderr.startswith("ccr: error:"), proc
     assert uc.cluster.job(other)["JobState"] == "RUNNING"
     assert not list(uc.work.glob(f"{other}.ckpt*"))
     uc.cluster.run("scancel", str(job), str(other))

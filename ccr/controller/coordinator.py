@@ -33,6 +33,7 @@ from ccr.errors import (
     CcrError,
     JobStateError,
     MaxWaitExceeded,
+    PermissionDeniedError,
     error_for_code,
 )
 from ccr.ids import (
@@ -204,6 +205,9 @@ def _problem(
     if len(rnd.reports) < len(nodes):
         missing = sorted(set(nodes) - {r["node"] for r in rnd.reports})
         last = rnd.stderr[-1].strip() if rnd.stderr else "srun ended"
+        refused = [line.strip() for line in rnd.stderr if slurm_cli.ACCESS_DENIED in line]
+        if refused:  # the job is not the caller's: Slurm itself said no to her srun
+            return PermissionDeniedError(f"checkpoint of {ref}: Slurm refused: {refused[-1]}")
         return CcrError(f"checkpoint of {ref}: no answer from {', '.join(missing)} ({last}){tail}")
     dirs = {r["image_dir"] for r in rnd.reports if r.get("tasks")}
     if not dirs:

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 from ccr.config import env_int as _int
 from ccr.config import env_str, node_name
-from ccr.errors import CcrError, JobStateError, NotFoundError
+from ccr.errors import CcrError, JobStateError, NotFoundError, PermissionDeniedError
 
 TIMEOUT = 60.0
+# What Slurm says when the caller may not act on a job (ESLURM_ACCESS_DENIED's text): a
+# user's srun into, or scontrol of, another user's job.  ccr reports it as exit 9.
+ACCESS_DENIED = "Access/permission denied"
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
 
@@ -33,7 +36,9 @@ def run(argv: list[str], timeout: float = TIMEOUT, input: str | None = None) -> 
         raise CcrError(f"{' '.join(argv[:3])} did not answer within {timeout:g}s") from None
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise CcrError(f"{' '.join(argv[:3])} failed: {lines[-1] if lines else proc.returncode}")
+        said = lines[-1] if lines else proc.returncode
+        cls = PermissionDeniedError if any(ACCESS_DENIED in ln for ln in lines) else CcrError
+        raise cls(f"{' '.join(argv[:3])} failed: {said}")
     return proc.stdout
 
 
