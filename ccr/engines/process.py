@@ -368,7 +368,7 @@ def children_by_parent() -> dict[int, list[int]]:
     """Every process's children, from each /proc/<pid>/stat's ppid (one pass over /proc).
 
     Read here rather than through psutil, whose import alone took ~15 ms of each create
-    and restart (this kernel has no /proc/<pid>/task/<tid>/children).
+    and restart; /proc/<pid>/task/<tid>/children would need every thread of the tree.
     """
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
