@@ -50,6 +50,7 @@ from ccr.engines import criu as criu_engine
 from ccr.engines import process
 from ccr.engines.compression import framed_entry, read_verified
 from ccr.errors import CcrError, CriuError, IntegrityError, StorageError
+from ccr.storage.imageset import meminfo
 from ccr.storage.manifest import FileEntry, Frame
 
 SOCKET_NAME = "streamer-serve.sock"  # criu/img-streamer.c, restore side
@@ -481,14 +482,7 @@ class ExtraMemory:
 
     @staticmethod
     def _used() -> int:
-        fields: dict[str, int] = {}
-        try:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    name, _, rest = line.partition(":")
-                    fields[name] = int(rest.split()[0]) * 1024
-        except (OSError, ValueError, IndexError):
-            return 0
+        fields = meminfo()
         return fields.get("MemTotal", 0) - fields.get("MemAvailable", 0)
 
     def watch(self, directory: Path) -> None:

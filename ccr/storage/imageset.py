@@ -325,17 +325,18 @@ class CheckpointSeries:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-def _mem_available() -> int:
-    """The node's MemAvailable (/proc/meminfo), in bytes; 0 if unknown (psutil's import
-    alone cost ~15 ms of a create)."""
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo's fields in bytes ({} if unreadable): read directly, as psutil's
+    import alone cost ~15 ms of a create."""
+    fields: dict[str, int] = {}
     try:
-        with open("/proc/meminfo", "rb") as fh:
+        with open("/proc/meminfo") as fh:
             for line in fh:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return {}
+    return fields
 
 
 def remove_detached(paths: list[Path]) -> None:
@@ -388,7 +389,7 @@ def scratch_dir(estimate: int, fallback: Path, purpose: str) -> Path:
         if fast is not None and fast.is_dir():
             margin = int(estimate * 1.25) + (64 << 20)
             free = shutil.disk_usage(fast).free
-            if free > margin and _mem_available() > 2 * margin:
+            if free > margin and meminfo().get("MemAvailable", 0) > 2 * margin:
                 candidates.append(fast)
     except OSError:
         pass
